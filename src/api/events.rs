@@ -1,0 +1,46 @@
+//! `POST /v1/events`: intake over HTTP (SPEC §5.1).
+
+use super::{ApiError, body, parse_json};
+use crate::App;
+use crate::intake::IntakeError;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> ApiError {
+        match e {
+            IntakeError::Invalid(_)
+            | IntakeError::InvalidInBatch { .. }
+            | IntakeError::EmptyBatch => ApiError::bad_request(e.to_string()),
+            IntakeError::BatchTooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            IntakeError::ShuttingDown => {
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                err.retry_after = Some(5);
+                err
+            }
+            IntakeError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+pub async fn create(
+    State(app): State<Arc<App>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    if app.intake.is_closed() {
+        return Err(IntakeError::ShuttingDown.into());
+    }
+    let bytes = body(bytes, app.config.server.max_body)?;
+    let value: Value = parse_json(&bytes)?;
+    let events = app.intake.parse_body(value)?;
+    let receipts = app.intake.accept(events).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "events": receipts }))))
+}

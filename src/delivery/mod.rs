@@ -1,0 +1,358 @@
+//! The delivery engine: one lane per subscription takes due deliveries from sled's due index and
+//! runs their HTTP attempts, then writes each outcome and the next due time the retry policy gives.
+//!
+//! Why lanes: a lane holds at most `per_subscription` attempts in flight, so a slow receiver only
+//! ever waits on itself, and the engine holds at most `concurrency` attempts in flight in all. A
+//! lane sleeps until the earliest due time of its subscription (one timer per subscription, none
+//! per pending retry), and is woken early when intake or an attempt adds a due entry. Pending
+//! retries therefore cost disk, not memory. A disabled subscription's lane holds its deliveries.
+
+pub mod attempt;
+pub mod guard;
+pub mod retry;
+pub mod signature;
+
+use crate::event::Event;
+use crate::store::{Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
+use crate::subscription::{Registry, now_ms};
+use attempt::{AttemptOutcome, AttemptRequest};
+use guard::Guard;
+use retry::is_success;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// The settings of the engine, from `[delivery]` and `[account]`.
+pub struct EngineSettings {
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub per_subscription: usize,
+    pub max_retry_after: Duration,
+    pub account: Map<String, Value>,
+}
+
+struct Lane {
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+pub struct Engine {
+    store: Store,
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    guard: Arc<Guard>,
+    settings: EngineSettings,
+    global: Arc<Semaphore>,
+    lanes: Mutex<HashMap<Uuid, Lane>>,
+    stop: CancellationToken,
+    attempts: TaskTracker,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        client: reqwest::Client,
+        guard: Arc<Guard>,
+        settings: EngineSettings,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            global: Arc::new(Semaphore::new(settings.concurrency)),
+            store,
+            registry,
+            client,
+            guard,
+            settings,
+            lanes: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            attempts: TaskTracker::new(),
+        })
+    }
+
+    /// Starts a lane for every subscription.
+    pub fn start(self: &Arc<Self>) {
+        for sub in self.registry.list() {
+            self.sync_lane(&sub.id);
+        }
+    }
+
+    /// Brings a subscription's lane in line with the registry after a change or a new due entry:
+    /// starts it, wakes it, or stops it when the subscription is gone.
+    pub fn sync_lane(self: &Arc<Self>, id: &Uuid) {
+        let mut lanes = self.lanes.lock().expect("lanes lock poisoned");
+        if self.registry.get(id).is_none() {
+            if let Some(lane) = lanes.remove(id) {
+                lane.stop.cancel();
+            }
+            return;
+        }
+        if let Some(lane) = lanes.get(id) {
+            lane.wake.notify_one();
+            return;
+        }
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let lane = Lane {
+            wake: Arc::new(Notify::new()),
+            stop: self.stop.child_token(),
+        };
+        let engine = self.clone();
+        let (wake, stop, id) = (lane.wake.clone(), lane.stop.clone(), *id);
+        lanes.insert(id, lane);
+        tokio::spawn(async move { engine.run_lane(id, wake, stop).await });
+    }
+
+    /// Wakes the lane of a subscription (a due entry was added).
+    pub fn wake(self: &Arc<Self>, id: &Uuid) {
+        self.sync_lane(id)
+    }
+
+    async fn run_lane(self: Arc<Self>, id: Uuid, wake: Arc<Notify>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.settings.per_subscription));
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let Some(sub) = self.registry.get(&id) else {
+                return;
+            };
+            if !sub.enabled {
+                // Held: its deliveries wait until the subscription is enabled again.
+                tokio::select! {
+                    _ = wake.notified() => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("lane semaphore is never closed"),
+                _ = stop.cancelled() => return,
+            };
+            let due = match self.store.next_due(&id) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(subscription = %id, error = %e, "reading the due index failed");
+                    drop(slot);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            };
+            let now = now_ms();
+            match due {
+                None => {
+                    drop(slot);
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                Some(d) if d.due_ms > now => {
+                    drop(slot);
+                    let wait = Duration::from_millis(d.due_ms - now);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = wake.notified() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                Some(d) => {
+                    let permit = tokio::select! {
+                        p = self.global.clone().acquire_owned() => p.expect("global semaphore is never closed"),
+                        _ = stop.cancelled() => return,
+                    };
+                    match self.store.claim(&d) {
+                        Ok(true) => {
+                            let engine = self.clone();
+                            self.attempts.spawn(async move {
+                                engine.attempt(sub, d.delivery).await;
+                                drop((slot, permit));
+                            });
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(subscription = %id, error = %e, "claiming a delivery failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one attempt of a claimed delivery and records its outcome.
+    async fn attempt(self: &Arc<Self>, sub: Arc<Subscription>, delivery_id: Uuid) {
+        let mut d = match self.store.delivery(&delivery_id) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                tracing::error!(delivery = %delivery_id, "claimed delivery has no record");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(delivery = %delivery_id, error = %e, "reading a delivery failed");
+                return;
+            }
+        };
+        let n = d.attempts.len() as u32 + 1;
+        let started_at = now_ms();
+        let outcome = match self.prepare(&sub, &d) {
+            Ok((url, body)) => {
+                let timeout = sub
+                    .timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.settings.timeout);
+                attempt::send(
+                    &self.client,
+                    &self.guard,
+                    AttemptRequest {
+                        sub: &sub,
+                        url: &url,
+                        delivery_id: d.id,
+                        content_type: sub.format.content_type(),
+                        body,
+                        timeout,
+                    },
+                )
+                .await
+            }
+            Err(error) => AttemptOutcome {
+                code: 0,
+                error: Some(error),
+                response_body: None,
+                duration: Duration::ZERO,
+                retry_after: None,
+            },
+        };
+        let ended = now_ms();
+        d.attempts.push(Attempt {
+            n,
+            started_at,
+            duration_ms: outcome.duration.as_millis() as u64,
+            code: outcome.code,
+            error: outcome.error.clone(),
+            response_body: outcome.response_body.clone(),
+        });
+        let mut disable = None;
+        if is_success(outcome.code) {
+            d.status = DeliveryStatus::Delivered;
+            d.next_attempt_at = None;
+            d.error = None;
+            d.ended_at = Some(ended);
+        } else if outcome.code == 410 {
+            d.status = DeliveryStatus::Failed;
+            d.next_attempt_at = None;
+            d.error = Some("receiver answered 410 Gone; subscription disabled".into());
+            d.ended_at = Some(ended);
+            disable = Some(DisabledReason::Gone);
+        } else {
+            let policy = self.registry.policies().get(&sub.retry);
+            match policy.and_then(|p| p.next_delay(n, outcome.code)) {
+                Some(delay) => {
+                    // A Retry-After longer than the scheduled delay postpones the attempt.
+                    let delay = match outcome.retry_after {
+                        Some(ra) if ra > delay => ra.min(self.settings.max_retry_after).max(delay),
+                        _ => delay,
+                    };
+                    d.status = DeliveryStatus::Pending;
+                    d.next_attempt_at = Some(ended + delay.as_millis() as u64);
+                    d.error = None;
+                }
+                None => {
+                    d.status = DeliveryStatus::Failed;
+                    d.next_attempt_at = None;
+                    d.error = Some(failure_text(&outcome, n));
+                    d.ended_at = Some(ended);
+                }
+            }
+        }
+        if d.status == DeliveryStatus::Pending && self.registry.get(&sub.id).is_none() {
+            d.status = DeliveryStatus::Failed;
+            d.next_attempt_at = None;
+            d.error = Some("subscription deleted".into());
+            d.ended_at = Some(ended);
+        }
+        let host = url::Url::parse(&sub.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let outcome_name = match d.status {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Pending => "retrying",
+            DeliveryStatus::Failed => "failed",
+        };
+        tracing::info!(
+            delivery = %d.id,
+            subscription = %sub.id,
+            event = %d.event,
+            host = %host,
+            attempt = n,
+            code = outcome.code,
+            duration_ms = outcome.duration.as_millis() as u64,
+            outcome = outcome_name,
+            next_attempt_at = ?d.next_attempt_at.map(crate::api::rfc3339),
+            "attempt"
+        );
+        if let Err(e) = self.store.record_attempt(&d) {
+            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+        }
+        if let Some(reason) = disable
+            && let Err(e) = self
+                .registry
+                .set_enabled(&sub.id, false, Some(reason))
+                .await
+        {
+            tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
+        }
+        if d.status == DeliveryStatus::Pending {
+            self.wake(&sub.id);
+        }
+    }
+
+    /// The destination and the body of an attempt, encoded from the stored event in the
+    /// subscription's current format.
+    fn prepare(
+        &self,
+        sub: &Subscription,
+        d: &Delivery,
+    ) -> Result<(url::Url, bytes::Bytes), String> {
+        let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"))?;
+        let stored = self
+            .store
+            .event(&d.event_id)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("event {} is missing from storage", d.event_id))?;
+        let event = Event::from_value(stored.event).map_err(|e| format!("stored event: {e}"))?;
+        let body = sub.format.encode(&event.payload(&self.settings.account));
+        Ok((url, body))
+    }
+
+    /// Stops the lanes, lets attempts in flight finish for up to `grace`, and flushes storage.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.attempts.close();
+        if tokio::time::timeout(grace, self.attempts.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "attempts still in flight after {grace:?}; they are made again after the next start"
+            );
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}
+
+fn failure_text(outcome: &AttemptOutcome, n: u32) -> String {
+    let what = match (&outcome.error, outcome.code) {
+        (Some(e), 0) => e.clone(),
+        (_, code) => format!("HTTP {code}"),
+    };
+    format!("{what} on attempt {n}; the retry policy allows no further attempt")
+}

@@ -1,0 +1,201 @@
+//! Intake: validated events become stored events with one delivery per matching subscription,
+//! written in one atomic batch and flushed before anyone is told they are accepted (SPEC §5.1).
+//!
+//! The HTTP endpoint and the in-process [`Emitter`] share this path, and so its promise: a receipt
+//! means the event and all its deliveries are on disk.
+
+use crate::delivery::Engine;
+use crate::event::{Event, EventError};
+use crate::store::{Delivery, DeliveryStatus, Store, StoreError, StoredEvent};
+use crate::subscription::{Registry, now_ms};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use uuid::Uuid;
+
+/// What the sender of an event gets back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Receipt {
+    /// The event's id in the dispatcher.
+    pub id: Uuid,
+    /// How many deliveries were created.
+    pub deliveries: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("{0}")]
+    Invalid(#[from] EventError),
+    #[error("event {index}: {source}")]
+    InvalidInBatch { index: usize, source: EventError },
+    #[error("a batch must hold at least one event")]
+    EmptyBatch,
+    #[error("a batch holds {got} events; at most {max} are allowed (limits.max_batch)")]
+    BatchTooLarge { got: usize, max: usize },
+    #[error("the dispatcher is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Intake {
+    store: Store,
+    registry: Arc<Registry>,
+    engine: Arc<Engine>,
+    max_batch: usize,
+    closed: AtomicBool,
+}
+
+impl Intake {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        engine: Arc<Engine>,
+        max_batch: usize,
+    ) -> Intake {
+        Intake {
+            store,
+            registry,
+            engine,
+            max_batch,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses every later event (shutdown).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Validates a request body: one event, or `{"events": [...]}`. A batch is all-or-nothing.
+    pub fn parse_body(&self, body: Value) -> Result<Vec<Event>, IntakeError> {
+        let batch = match body {
+            Value::Object(mut obj) if obj.contains_key("events") && !obj.contains_key("event") => {
+                if obj.len() != 1 {
+                    let extra = obj
+                        .keys()
+                        .find(|k| *k != "events")
+                        .cloned()
+                        .unwrap_or_default();
+                    return Err(IntakeError::Invalid(EventError::UnknownField(extra)));
+                }
+                match obj.remove("events") {
+                    Some(Value::Array(items)) => items,
+                    _ => {
+                        return Err(IntakeError::Invalid(EventError::UnknownField(
+                            "events (must be an array)".into(),
+                        )));
+                    }
+                }
+            }
+            single => return Ok(vec![Event::from_value(single)?]),
+        };
+        if batch.is_empty() {
+            return Err(IntakeError::EmptyBatch);
+        }
+        if batch.len() > self.max_batch {
+            return Err(IntakeError::BatchTooLarge {
+                got: batch.len(),
+                max: self.max_batch,
+            });
+        }
+        batch
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| {
+                Event::from_value(v).map_err(|source| IntakeError::InvalidInBatch { index, source })
+            })
+            .collect()
+    }
+
+    /// Stores events and their deliveries durably; answers once they are flushed to disk.
+    pub async fn accept(&self, events: Vec<Event>) -> Result<Vec<Receipt>, IntakeError> {
+        if self.is_closed() {
+            return Err(IntakeError::ShuttingDown);
+        }
+        let now = now_ms();
+        let mut items = Vec::with_capacity(events.len());
+        let mut receipts = Vec::with_capacity(events.len());
+        let mut touched: Vec<Uuid> = Vec::new();
+        {
+            let _gate = self.registry.intake_gate().await;
+            for event in &events {
+                let event_id = Uuid::now_v7();
+                let subs = self.registry.matching(event);
+                let name = event.name.to_string();
+                let deliveries: Vec<Delivery> = subs
+                    .iter()
+                    .map(|s| {
+                        if !touched.contains(&s.id) {
+                            touched.push(s.id);
+                        }
+                        Delivery {
+                            id: Uuid::now_v7(),
+                            event_id,
+                            event: name.clone(),
+                            subscription_id: s.id,
+                            status: DeliveryStatus::Pending,
+                            created_at: now,
+                            next_attempt_at: Some(now),
+                            ended_at: None,
+                            error: None,
+                            attempts: Vec::new(),
+                        }
+                    })
+                    .collect();
+                receipts.push(Receipt {
+                    id: event_id,
+                    deliveries: deliveries.len(),
+                });
+                items.push((
+                    StoredEvent {
+                        id: event_id,
+                        received_at: now,
+                        event: event.to_value(),
+                    },
+                    deliveries,
+                ));
+            }
+            self.store.accept(&items)?;
+        }
+        self.store.flush().await?;
+        for id in &touched {
+            self.engine.wake(id);
+        }
+        Ok(receipts)
+    }
+}
+
+/// The in-process intake handle: a Rust CRM backend embeds the dispatcher and emits events
+/// through it, with the same durability promise as `POST /v1/events`. Cheap to clone.
+#[derive(Clone)]
+pub struct Emitter {
+    intake: Arc<Intake>,
+}
+
+impl Emitter {
+    pub(crate) fn new(intake: Arc<Intake>) -> Emitter {
+        Emitter { intake }
+    }
+
+    /// Emits one event (`{"event", "data", "id"?, "account"?}`); the receipt comes once the event
+    /// and its deliveries are on disk.
+    pub async fn emit(&self, event: Value) -> Result<Receipt, IntakeError> {
+        let event = Event::from_value(event)?;
+        let mut receipts = self.intake.accept(vec![event]).await?;
+        Ok(receipts.pop().expect("one receipt per event"))
+    }
+
+    /// Emits several events atomically: all are stored, or none.
+    pub async fn emit_batch(&self, events: Vec<Value>) -> Result<Vec<Receipt>, IntakeError> {
+        let events = self
+            .intake
+            .parse_body(serde_json::json!({ "events": events }))?;
+        self.intake.accept(events).await
+    }
+}

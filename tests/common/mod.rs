@@ -1,0 +1,360 @@
+//! Test harness: the real dispatcher serving on an ephemeral port over a temp-dir sled, and
+//! scripted HTTP receivers on loopback that record every request.
+#![allow(dead_code)]
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use webhook_dispatcher::Dispatcher;
+use webhook_dispatcher::config::Config;
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_for`] with an async check.
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+    pub fn body_str(&self) -> String {
+        String::from_utf8(self.body.to_vec()).unwrap()
+    }
+}
+
+/// How a receiver answers: a queue of (status, extra headers) used in order, then `then` forever.
+#[derive(Clone)]
+struct Script {
+    queue: Arc<Mutex<VecDeque<(u16, Vec<(String, String)>)>>>,
+    then: u16,
+    delay: Duration,
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    log: Arc<Mutex<Vec<Received>>>,
+    script: Script,
+}
+
+/// A scripted HTTP receiver on 127.0.0.1.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<Received>>>,
+    script: Script,
+}
+
+async fn receive(
+    State(st): State<ReceiverState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    st.log.lock().unwrap().push(Received {
+        at: Instant::now(),
+        path: uri.to_string(),
+        headers,
+        body,
+    });
+    let (code, extra) = st
+        .script
+        .queue
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or((st.script.then, vec![]));
+    if !st.script.delay.is_zero() {
+        tokio::time::sleep(st.script.delay).await;
+    }
+    let mut resp = (StatusCode::from_u16(code).unwrap(), format!("answer {code}")).into_response();
+    for (k, v) in extra {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    resp
+}
+
+impl Receiver {
+    /// A receiver answering `status` to every request.
+    pub async fn start(status: u16) -> Receiver {
+        Receiver::scripted(vec![], status).await
+    }
+
+    /// Answers the statuses of `first` in order, then `then` forever.
+    pub async fn scripted(first: Vec<u16>, then: u16) -> Receiver {
+        Receiver::with_headers(first.into_iter().map(|c| (c, vec![])).collect(), then).await
+    }
+
+    pub async fn with_headers(first: Vec<(u16, Vec<(String, String)>)>, then: u16) -> Receiver {
+        Receiver::build(first, then, Duration::ZERO).await
+    }
+
+    /// Answers `status` after `delay`.
+    pub async fn slow(status: u16, delay: Duration) -> Receiver {
+        Receiver::build(vec![], status, delay).await
+    }
+
+    async fn build(first: Vec<(u16, Vec<(String, String)>)>, then: u16, delay: Duration) -> Receiver {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let script = Script {
+            queue: Arc::new(Mutex::new(first.into_iter().collect())),
+            then,
+            delay,
+        };
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(ReceiverState {
+                log: log.clone(),
+                script: script.clone(),
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, log, script }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests arrived and returns them.
+    pub async fn wait_requests(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        wait_for(&format!("{n} requests at {}", self.addr), timeout, || {
+            let log = self.log.lock().unwrap();
+            (log.len() >= n).then(|| log.clone())
+        })
+        .await
+    }
+}
+
+/// A port nothing listens on (bound, then closed).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A fast custom policy with amoCRM's code classes and millisecond delays.
+pub const FAST_POLICIES: &str = r#"
+[retry.policies.fast-amocrm]
+steps = [
+  { after = "20ms", on = ["0-99", "300-"] },
+  { after = "20ms", on = ["0-99", "300-"] },
+  { after = "20ms", on = ["499", "500-599"] },
+  { after = "20ms", on = ["499", "500-599"] },
+]
+"#;
+
+/// The real dispatcher on an ephemeral port with its own temp-dir storage.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub dispatcher: Dispatcher,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts with the test defaults plus `extra` TOML (sections and keys of §3).
+    pub async fn start(extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        TestServer::start_in(dir, extra).await
+    }
+
+    pub fn config_toml(dir: &std::path::Path, extra: &str) -> String {
+        let path = dir.join("db.sled");
+        let extra_has = |section: &str| extra.contains(&format!("[{section}]"));
+        let mut toml = String::new();
+        if !extra_has("server") {
+            toml.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        toml.push_str(&format!("[storage]\npath = {:?}\n", path.display().to_string()));
+        if !extra_has("delivery") {
+            toml.push_str("[delivery]\nallow_private = [\"127.0.0.0/8\"]\ntimeout = \"2s\"\n");
+        }
+        if !extra_has("account") {
+            toml.push_str("[account]\nsubdomain = \"test\"\nid = \"7039099\"\n");
+        }
+        toml.push_str(extra);
+        toml.push('\n');
+        toml
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> TestServer {
+        let toml = TestServer::config_toml(dir.path(), extra);
+        let config = Config::from_toml_str(&toml, &[]).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let dispatcher = Dispatcher::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let d = dispatcher.clone();
+        let task = tokio::spawn(async move {
+            d.serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer {
+            addr,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            dispatcher,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops gracefully and gives back the storage directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        // sled releases its lock when the last handle drops.
+        drop(self.dispatcher);
+        self.dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs JSON; returns the status and the JSON answer (Null when empty).
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).json(body).send().await.unwrap();
+        Self::answer(r).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value, String) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let (code, v) = Self::answer(r).await;
+        (code, v, ct)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(path)).send().await.unwrap();
+        Self::answer(r).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.patch(self.url(path)).json(body).send().await.unwrap();
+        Self::answer(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self.http.delete(self.url(path)).send().await.unwrap();
+        Self::answer(r).await
+    }
+
+    async fn answer(r: reqwest::Response) -> (u16, Value) {
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (code, v)
+    }
+
+    /// Creates a subscription and returns it; panics unless 201.
+    pub async fn subscribe(&self, body: Value) -> Value {
+        let (code, v) = self.post("/v1/subscriptions", &body).await;
+        assert_eq!(code, 201, "subscribe failed: {v}");
+        v
+    }
+
+    /// Emits one event; panics unless 202. Returns the receipt `{id, deliveries}`.
+    pub async fn emit(&self, event: Value) -> Value {
+        let (code, v) = self.post("/v1/events", &event).await;
+        assert_eq!(code, 202, "emit failed: {v}");
+        v["events"][0].clone()
+    }
+
+    pub async fn delivery(&self, id: &str) -> Value {
+        let (code, v) = self.get(&format!("/v1/deliveries/{id}")).await;
+        assert_eq!(code, 200, "delivery {id}: {v}");
+        v
+    }
+
+    /// Waits until delivery `id` has `status`, returns it.
+    pub async fn wait_delivery_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        wait_for_async(&format!("delivery {id} to be {status}"), timeout, || async {
+            let d = self.delivery(id).await;
+            (d["status"] == status).then_some(d)
+        })
+        .await
+    }
+}
