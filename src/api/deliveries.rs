@@ -91,7 +91,9 @@ pub async fn list(
     if let Some(e) = q.event.as_deref().filter(|e| !e.is_empty())
         && crate::event::EventName::parse(e).is_none()
     {
-        return Err(ApiError::bad_request(crate::event::unknown_event_message(e)));
+        return Err(ApiError::bad_request(crate::event::unknown_event_message(
+            e,
+        )));
     }
     let since = q
         .since
@@ -104,14 +106,19 @@ pub async fn list(
                         .map(|d| d.as_millis() as u64)
                         .unwrap_or(0)
                 })
-                .map_err(|e| ApiError::bad_request(format!("since {s:?} is not an RFC 3339 time: {e}")))
+                .map_err(|e| {
+                    ApiError::bad_request(format!("since {s:?} is not an RFC 3339 time: {e}"))
+                })
         })
         .transpose()?;
     let cursor = q
         .cursor
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(|s| Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("cursor {s:?} is not valid"))))
+        .map(|s| {
+            Uuid::parse_str(s)
+                .map_err(|_| ApiError::bad_request(format!("cursor {s:?} is not valid")))
+        })
         .transpose()?;
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > 1000 {
@@ -120,12 +127,16 @@ pub async fn list(
     let store = &app.store;
     let in_flight_of = |d: &Delivery| {
         d.status == DeliveryStatus::Pending
-            && store.is_in_flight(&d.subscription_id, &d.id).unwrap_or(false)
+            && store
+                .is_in_flight(&d.subscription_id, &d.id)
+                .unwrap_or(false)
     };
     let page = store
         .deliveries(cursor.as_ref(), limit, |d| {
             subscription.is_none_or(|s| d.subscription_id == s)
-                && q.event.as_deref().is_none_or(|e| e.is_empty() || d.event == e)
+                && q.event
+                    .as_deref()
+                    .is_none_or(|e| e.is_empty() || d.event == e)
                 && since.is_none_or(|t| d.created_at >= t)
                 && status.as_deref().is_none_or(|s| {
                     let current = match d.status {
@@ -139,11 +150,10 @@ pub async fn list(
         })
         .map_err(ApiError::internal)?;
     let next_cursor = (page.len() == limit).then(|| page.last().map(|d| d.id.to_string()));
-    let items: Vec<Value> = page
-        .iter()
-        .map(|d| view(d, in_flight_of(d)))
-        .collect();
-    Ok(Json(json!({ "deliveries": items, "next_cursor": next_cursor.flatten() })))
+    let items: Vec<Value> = page.iter().map(|d| view(d, in_flight_of(d))).collect();
+    Ok(Json(
+        json!({ "deliveries": items, "next_cursor": next_cursor.flatten() }),
+    ))
 }
 
 pub async fn show(

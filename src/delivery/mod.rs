@@ -51,6 +51,7 @@ pub struct Engine {
     lanes: Mutex<HashMap<Uuid, Lane>>,
     stop: CancellationToken,
     attempts: TaskTracker,
+    lane_tasks: TaskTracker,
 }
 
 impl Engine {
@@ -71,6 +72,7 @@ impl Engine {
             lanes: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             attempts: TaskTracker::new(),
+            lane_tasks: TaskTracker::new(),
         })
     }
 
@@ -105,7 +107,8 @@ impl Engine {
         let engine = self.clone();
         let (wake, stop, id) = (lane.wake.clone(), lane.stop.clone(), *id);
         lanes.insert(id, lane);
-        tokio::spawn(async move { engine.run_lane(id, wake, stop).await });
+        self.lane_tasks
+            .spawn(async move { engine.run_lane(id, wake, stop).await });
     }
 
     /// Wakes the lane of a subscription (a due entry was added).
@@ -334,6 +337,8 @@ impl Engine {
     /// Stops the lanes, lets attempts in flight finish for up to `grace`, and flushes storage.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
+        self.lane_tasks.close();
+        self.lane_tasks.wait().await;
         self.attempts.close();
         if tokio::time::timeout(grace, self.attempts.wait())
             .await

@@ -50,14 +50,16 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
 }
 
-type FlushReply = oneshot::Sender<Result<(), String>>;
+/// A flush request: the database to flush (so the flusher thread holds it only while flushing,
+/// and storage closes when the last `Store` is dropped) and where to answer.
+type FlushRequest = (sled::Db, oneshot::Sender<Result<(), String>>);
 
 /// The handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
-    flusher: mpsc::UnboundedSender<FlushReply>,
+    flusher: mpsc::UnboundedSender<FlushRequest>,
 }
 
 fn key(prefix: u8, id: &Uuid) -> [u8; 17] {
@@ -113,22 +115,35 @@ pub struct Due {
 impl Store {
     /// Opens (or creates) the database at `path` and starts its group-commit flusher thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             // The working set is the due index and recent records; a small cache keeps RSS flat
             // however many deliveries wait on disk.
-            .cache_capacity(64 * 1024 * 1024)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .cache_capacity(64 * 1024 * 1024);
+        // A process that is just exiting may still hold the lock for a moment: retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        };
         let tree = db.open_tree("dispatcher")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let flush_db = db.clone();
         std::thread::Builder::new()
             .name("sled-flusher".into())
-            .spawn(move || group_commit(flush_db, rx))
+            .spawn(move || group_commit(rx))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Store {
             db,
@@ -140,7 +155,9 @@ impl Store {
     /// Makes every write made before this call durable. Many concurrent callers share one fsync.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.flusher.send(tx).map_err(|_| StoreError::FlusherGone)?;
+        self.flusher
+            .send((self.db.clone(), tx))
+            .map_err(|_| StoreError::FlusherGone)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
@@ -347,13 +364,15 @@ impl Store {
     }
 }
 
-fn group_commit(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushReply>) {
-    while let Some(first) = rx.blocking_recv() {
+/// The group-commit loop: every request that arrived while the previous fsync ran shares the next.
+fn group_commit(mut rx: mpsc::UnboundedReceiver<FlushRequest>) {
+    while let Some((db, first)) = rx.blocking_recv() {
         let mut waiters = vec![first];
-        while let Ok(w) = rx.try_recv() {
+        while let Ok((_, w)) = rx.try_recv() {
             waiters.push(w);
         }
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        drop(db);
         for w in waiters {
             let _ = w.send(result.clone());
         }

@@ -111,7 +111,11 @@ async fn receive(
     if !st.script.delay.is_zero() {
         tokio::time::sleep(st.script.delay).await;
     }
-    let mut resp = (StatusCode::from_u16(code).unwrap(), format!("answer {code}")).into_response();
+    let mut resp = (
+        StatusCode::from_u16(code).unwrap(),
+        format!("answer {code}"),
+    )
+        .into_response();
     for (k, v) in extra {
         resp.headers_mut().insert(
             axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -141,7 +145,11 @@ impl Receiver {
         Receiver::build(vec![], status, delay).await
     }
 
-    async fn build(first: Vec<(u16, Vec<(String, String)>)>, then: u16, delay: Duration) -> Receiver {
+    async fn build(
+        first: Vec<(u16, Vec<(String, String)>)>,
+        then: u16,
+        delay: Duration,
+    ) -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let script = Script {
             queue: Arc::new(Mutex::new(first.into_iter().collect())),
@@ -224,7 +232,10 @@ impl TestServer {
         if !extra_has("server") {
             toml.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");
         }
-        toml.push_str(&format!("[storage]\npath = {:?}\n", path.display().to_string()));
+        toml.push_str(&format!(
+            "[storage]\npath = {:?}\n",
+            path.display().to_string()
+        ));
         if !extra_has("delivery") {
             toml.push_str("[delivery]\nallow_private = [\"127.0.0.0/8\"]\ntimeout = \"2s\"\n");
         }
@@ -238,7 +249,8 @@ impl TestServer {
 
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> TestServer {
         let toml = TestServer::config_toml(dir.path(), extra);
-        let config = Config::from_toml_str(&toml, &[]).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let config = Config::from_toml_str(&toml, &[])
+            .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let dispatcher = Dispatcher::start(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -270,9 +282,17 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             t.await.unwrap();
         }
-        // sled releases its lock when the last handle drops.
-        drop(self.dispatcher);
-        self.dir
+        // sled releases its lock when the last handle drops; the pooled connections of the client
+        // keep the server's connection tasks (and so the storage) alive until they close.
+        let TestServer {
+            http,
+            dispatcher,
+            dir,
+            ..
+        } = self;
+        drop(http);
+        drop(dispatcher);
+        dir
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -281,7 +301,14 @@ impl TestServer {
 
     /// POSTs JSON; returns the status and the JSON answer (Null when empty).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(self.url(path)).json(body).send().await.unwrap();
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
         Self::answer(r).await
     }
 
@@ -309,7 +336,14 @@ impl TestServer {
     }
 
     pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.patch(self.url(path)).json(body).send().await.unwrap();
+        let r = self
+            .http
+            .patch(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
         Self::answer(r).await
     }
 
@@ -351,10 +385,14 @@ impl TestServer {
 
     /// Waits until delivery `id` has `status`, returns it.
     pub async fn wait_delivery_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
-        wait_for_async(&format!("delivery {id} to be {status}"), timeout, || async {
-            let d = self.delivery(id).await;
-            (d["status"] == status).then_some(d)
-        })
+        wait_for_async(
+            &format!("delivery {id} to be {status}"),
+            timeout,
+            || async {
+                let d = self.delivery(id).await;
+                (d["status"] == status).then_some(d)
+            },
+        )
         .await
     }
 }
