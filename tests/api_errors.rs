@@ -17,7 +17,12 @@ const WATCHED: [&str; 4] = ["add_lead", "status_lead", "update_contact", "add_ta
 
 /// Sends `body` as-is with `content-type: application/json`; returns status, JSON (or the text as a
 /// JSON string, or Null when empty) and the content type.
-async fn send_raw(server: &TestServer, method: &str, path: &str, body: &str) -> (u16, Value, String) {
+async fn send_raw(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, Value, String) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let r = server
         .http
@@ -42,29 +47,60 @@ async fn send_raw(server: &TestServer, method: &str, path: &str, body: &str) -> 
     (code, v, ct)
 }
 
-/// Asserts an RFC 9457 problem with `status` whose detail contains every one of `needles`.
-fn assert_problem(case: &str, got: (u16, Value, String), status: u16, needles: &[&str]) {
+/// Checks an RFC 9457 problem with `status` whose detail contains every one of `needles`.
+fn check_problem(
+    case: &str,
+    got: (u16, Value, String),
+    status: u16,
+    needles: &[&str],
+) -> Result<(), String> {
     let (code, body, ct) = got;
-    assert_eq!(code, status, "{case}: status (body {body})");
-    assert_eq!(ct, "application/problem+json", "{case}: content-type (body {body})");
-    assert!(
-        body["type"].as_str().is_some_and(|t| !t.is_empty()),
-        "{case}: problem has no type: {body}"
-    );
-    assert!(
-        body["title"].as_str().is_some_and(|t| !t.is_empty()),
-        "{case}: problem has no title: {body}"
-    );
-    assert_eq!(body["status"], json!(status), "{case}: problem status: {body}");
-    let detail = body["detail"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{case}: problem has no detail: {body}"));
-    for needle in needles {
-        assert!(
-            detail.contains(needle),
-            "{case}: detail {detail:?} does not mention {needle:?}"
-        );
+    if code != status {
+        return Err(format!(
+            "{case}: status {code}, expected {status} (body {body})"
+        ));
     }
+    if ct != "application/problem+json" {
+        return Err(format!(
+            "{case}: content-type {ct:?}, expected \"application/problem+json\" (body {body})"
+        ));
+    }
+    for field in ["type", "title"] {
+        if !body[field].as_str().is_some_and(|t| !t.is_empty()) {
+            return Err(format!("{case}: problem has no {field}: {body}"));
+        }
+    }
+    if body["status"] != json!(status) {
+        return Err(format!("{case}: problem status is not {status}: {body}"));
+    }
+    let Some(detail) = body["detail"].as_str() else {
+        return Err(format!("{case}: problem has no detail: {body}"));
+    };
+    for needle in needles {
+        if !detail.contains(needle) {
+            return Err(format!(
+                "{case}: detail {detail:?} does not mention {needle:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Panics unless `got` is the problem [`check_problem`] describes.
+fn assert_problem(case: &str, got: (u16, Value, String), status: u16, needles: &[&str]) {
+    if let Err(e) = check_problem(case, got, status, needles) {
+        panic!("{e}");
+    }
+}
+
+/// Panics listing every failed case of a table.
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Every subscription as listed.
@@ -78,7 +114,11 @@ async fn subscriptions(server: &TestServer) -> Vec<Value> {
 async fn delivery_ids(server: &TestServer) -> BTreeSet<String> {
     let (code, v) = server.get("/v1/deliveries?limit=1000").await;
     assert_eq!(code, 200, "list deliveries: {v}");
-    assert_eq!(v["next_cursor"], Value::Null, "more than one page of deliveries");
+    assert_eq!(
+        v["next_cursor"],
+        Value::Null,
+        "more than one page of deliveries"
+    );
     v["deliveries"]
         .as_array()
         .unwrap()
@@ -98,7 +138,10 @@ async fn server_with_baseline(extra: &str) -> (TestServer, Receiver, Value) {
     let receipt = server
         .emit(json!({"event": "add_lead", "data": {"id": 1, "name": "control"}}))
         .await;
-    assert_eq!(receipt["deliveries"], 1, "the control event matches the baseline subscription");
+    assert_eq!(
+        receipt["deliveries"], 1,
+        "the control event matches the baseline subscription"
+    );
     rx.wait_requests(1, WAIT).await;
     (server, rx, sub)
 }
@@ -230,12 +273,18 @@ async fn bad_events_are_400_problems_and_store_nothing() {
             vec!["event 1", "\"x\""],
         ),
     ];
+    let mut failures = Vec::new();
     for (case, body, needles) in &cases {
         let got = server.post_raw("/v1/events", body).await;
-        assert_problem(case, got, 400, needles);
+        failures.extend(check_problem(case, got, 400, needles).err());
     }
+    assert_no_failures(&failures);
 
-    assert_eq!(subscriptions(&server).await, subs_before, "subscriptions changed");
+    assert_eq!(
+        subscriptions(&server).await,
+        subs_before,
+        "subscriptions changed"
+    );
     assert_eq!(
         delivery_ids(&server).await,
         deliveries_before,
@@ -250,25 +299,38 @@ async fn json_with_trailing_data_is_refused() {
     let deliveries_before = delivery_ids(&server).await;
 
     let good = good_event(8).to_string();
+    let mut failures = Vec::new();
     for (case, body) in [
         ("event followed by garbage", format!("{good} trailing")),
         ("two events back to back", format!("{good}{good}")),
         ("event followed by a bracket", format!("{good}]")),
     ] {
         let got = server.post_raw("/v1/events", &body).await;
-        assert_problem(case, got, 400, &["JSON"]);
+        failures.extend(check_problem(case, got, 400, &["JSON"]).err());
     }
     let sub = json!({"url": rx.url("/trailing"), "events": ["add_lead"]}).to_string();
     for (case, body) in [
-        ("subscription followed by garbage", format!("{sub} trailing")),
+        (
+            "subscription followed by garbage",
+            format!("{sub} trailing"),
+        ),
         ("two subscriptions back to back", format!("{sub}{sub}")),
     ] {
         let got = server.post_raw("/v1/subscriptions", &body).await;
-        assert_problem(case, got, 400, &["JSON"]);
+        failures.extend(check_problem(case, got, 400, &["JSON"]).err());
     }
+    assert_no_failures(&failures);
 
-    assert_eq!(subscriptions(&server).await, subs_before, "a refused subscription was stored");
-    assert_eq!(delivery_ids(&server).await, deliveries_before, "a refused event was stored");
+    assert_eq!(
+        subscriptions(&server).await,
+        subs_before,
+        "a refused subscription was stored"
+    );
+    assert_eq!(
+        delivery_ids(&server).await,
+        deliveries_before,
+        "a refused event was stored"
+    );
 }
 
 #[tokio::test]
@@ -281,7 +343,11 @@ async fn a_batch_over_max_batch_is_refused_whole() {
         .post_raw("/v1/events", &json!({ "events": four }).to_string())
         .await;
     assert_problem("4 events with max_batch = 3", got, 413, &["max_batch", "3"]);
-    assert_eq!(delivery_ids(&server).await, before, "an over-long batch stored deliveries");
+    assert_eq!(
+        delivery_ids(&server).await,
+        before,
+        "an over-long batch stored deliveries"
+    );
 
     // The limit is inclusive: three events are one batch.
     let three: Vec<Value> = (30..33).map(good_event).collect();
@@ -301,7 +367,8 @@ async fn a_body_over_max_body_is_413_on_every_endpoint() {
     let deliveries_before = delivery_ids(&server).await;
 
     // 2 KiB of otherwise valid JSON.
-    let big_event = json!({"event": "add_lead", "data": {"id": 40, "name": "x".repeat(2048)}}).to_string();
+    let big_event =
+        json!({"event": "add_lead", "data": {"id": 40, "name": "x".repeat(2048)}}).to_string();
     assert!(big_event.len() > 2048);
     let got = server.post_raw("/v1/events", &big_event).await;
     assert_problem("2 KiB event", got, 413, &["max_body"]);
@@ -313,14 +380,29 @@ async fn a_body_over_max_body_is_413_on_every_endpoint() {
 
     let big_patch = json!({"name": "n".repeat(2048)}).to_string();
     let id = sub["id"].as_str().unwrap();
-    let got = send_raw(&server, "PATCH", &format!("/v1/subscriptions/{id}"), &big_patch).await;
+    let got = send_raw(
+        &server,
+        "PATCH",
+        &format!("/v1/subscriptions/{id}"),
+        &big_patch,
+    )
+    .await;
     assert_problem("2 KiB patch", got, 413, &["max_body"]);
 
-    assert_eq!(subscriptions(&server).await, subs_before, "subscriptions changed");
-    assert_eq!(delivery_ids(&server).await, deliveries_before, "deliveries created");
+    assert_eq!(
+        subscriptions(&server).await,
+        subs_before,
+        "subscriptions changed"
+    );
+    assert_eq!(
+        delivery_ids(&server).await,
+        deliveries_before,
+        "deliveries created"
+    );
 
     // Just under the limit is fine.
-    let small = json!({"event": "add_lead", "data": {"id": 41, "name": "x".repeat(900)}}).to_string();
+    let small =
+        json!({"event": "add_lead", "data": {"id": 41, "name": "x".repeat(900)}}).to_string();
     assert!(small.len() < 1024);
     let (code, v, _) = server.post_raw("/v1/events", &small).await;
     assert_eq!(code, 202, "{v}");
@@ -340,36 +422,116 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
     vec![
         ("malformed JSON", r#"{"url":"#.into(), 400, vec!["JSON"]),
         ("empty body", "".into(), 400, vec!["empty"]),
-        ("missing url", json!({"events": ev}).to_string(), 422, vec!["url"]),
-        ("url null", json!({"url": null, "events": ev}).to_string(), 422, vec!["url"]),
-        ("missing events", json!({"url": good_url}).to_string(), 422, vec!["events"]),
-        ("relative url", with("url", json!("/hook")), 422, vec!["url"]),
+        (
+            "missing url",
+            json!({"events": ev}).to_string(),
+            422,
+            vec!["url"],
+        ),
+        (
+            "url null",
+            json!({"url": null, "events": ev}).to_string(),
+            422,
+            vec!["url"],
+        ),
+        (
+            "missing events",
+            json!({"url": good_url}).to_string(),
+            422,
+            vec!["events"],
+        ),
+        (
+            "relative url",
+            with("url", json!("/hook")),
+            422,
+            vec!["url"],
+        ),
         ("empty url", with("url", json!("")), 422, vec!["url"]),
-        ("url without a host", with("url", json!("http://")), 422, vec!["url"]),
-        ("ftp url", with("url", json!("ftp://127.0.0.1/hook")), 422, vec!["url", "ftp"]),
-        ("javascript url", with("url", json!("javascript:alert(1)")), 422, vec!["url"]),
+        (
+            "url without a host",
+            with("url", json!("http://")),
+            422,
+            vec!["url"],
+        ),
+        (
+            "ftp url",
+            with("url", json!("ftp://127.0.0.1/hook")),
+            422,
+            vec!["url", "ftp"],
+        ),
+        (
+            "javascript url",
+            with("url", json!("javascript:alert(1)")),
+            422,
+            vec!["url"],
+        ),
         (
             "url with a fragment",
             with("url", json!(format!("{good_url}#frag"))),
             422,
             vec!["url", "fragment"],
         ),
-        ("url with userinfo", with("url", json!(userinfo_url)), 422, vec!["url"]),
-        ("url over 2048 characters", with("url", json!(long_url)), 422, vec!["url", "2048"]),
+        (
+            "url with userinfo",
+            with("url", json!(userinfo_url)),
+            422,
+            vec!["url"],
+        ),
+        (
+            "url over 2048 characters",
+            with("url", json!(long_url)),
+            422,
+            vec!["url", "2048"],
+        ),
         ("url not a string", with("url", json!(5)), 422, vec!["url"]),
-        ("events empty", with("events", json!([])), 422, vec!["events"]),
+        (
+            "events empty",
+            with("events", json!([])),
+            422,
+            vec!["events"],
+        ),
         (
             "events with an unknown event",
             with("events", json!(["add_lead", "add_leed"])),
             422,
             vec!["events", "add_leed", "add_lead"],
         ),
-        ("events a string", with("events", json!("add_lead")), 422, vec!["events"]),
-        ("events with a number", with("events", json!([5])), 422, vec!["events"]),
-        ("unknown format", with("format", json!("xml")), 422, vec!["format", "xml"]),
-        ("unknown retry policy", with("retry", json!("fast")), 422, vec!["retry", "fast"]),
-        ("timeout not a duration", with("timeout", json!("soon")), 422, vec!["timeout", "soon"]),
-        ("timeout a number", with("timeout", json!(5)), 422, vec!["timeout"]),
+        (
+            "events a string",
+            with("events", json!("add_lead")),
+            422,
+            vec!["events"],
+        ),
+        (
+            "events with a number",
+            with("events", json!([5])),
+            422,
+            vec!["events"],
+        ),
+        (
+            "unknown format",
+            with("format", json!("xml")),
+            422,
+            vec!["format", "xml"],
+        ),
+        (
+            "unknown retry policy",
+            with("retry", json!("fast")),
+            422,
+            vec!["retry", "fast"],
+        ),
+        (
+            "timeout not a duration",
+            with("timeout", json!("soon")),
+            422,
+            vec!["timeout", "soon"],
+        ),
+        (
+            "timeout a number",
+            with("timeout", json!(5)),
+            422,
+            vec!["timeout"],
+        ),
         ("unknown field", with("bogus", json!(1)), 422, vec!["bogus"]),
         (
             "invalid header name",
@@ -377,8 +539,18 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
             422,
             vec!["headers", "bad header"],
         ),
-        ("header value not a string", with("headers", json!({"X-Key": 5})), 422, vec!["headers"]),
-        ("headers an array", with("headers", json!(["X-Key: 1"])), 422, vec!["headers"]),
+        (
+            "header value not a string",
+            with("headers", json!({"X-Key": 5})),
+            422,
+            vec!["headers"],
+        ),
+        (
+            "headers an array",
+            with("headers", json!(["X-Key: 1"])),
+            422,
+            vec!["headers"],
+        ),
         (
             "filter with an object value",
             with("filter", json!({"pipeline_id": {"id": 1}})),
@@ -391,8 +563,18 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
             422,
             vec!["pipelin_id"],
         ),
-        ("enabled not a boolean", with("enabled", json!("yes")), 422, vec!["enabled"]),
-        ("name over 255 characters", with("name", json!("n".repeat(256))), 422, vec!["name"]),
+        (
+            "enabled not a boolean",
+            with("enabled", json!("yes")),
+            422,
+            vec!["enabled"],
+        ),
+        (
+            "name over 255 characters",
+            with("name", json!("n".repeat(256))),
+            422,
+            vec!["name"],
+        ),
     ]
 }
 
@@ -402,20 +584,31 @@ async fn bad_subscriptions_are_refused_and_store_nothing() {
     let subs_before = subscriptions(&server).await;
     let deliveries_before = delivery_ids(&server).await;
 
+    let mut failures = Vec::new();
     for (case, body, status, needles) in bad_subscription_cases(&rx.url("/new")) {
         let got = server.post_raw("/v1/subscriptions", &body).await;
-        if case == "url with userinfo" {
-            let detail = got.1["detail"].to_string();
-            assert!(!detail.contains("s3cr3tpw"), "{case}: detail echoes the password: {detail}");
+        if case == "url with userinfo" && got.1["detail"].to_string().contains("s3cr3tpw") {
+            failures.push(format!("{case}: detail echoes the password: {}", got.1));
         }
-        assert_problem(case, got, status, &needles);
+        failures.extend(check_problem(case, got, status, &needles).err());
     }
+    assert_no_failures(&failures);
 
-    assert_eq!(subscriptions(&server).await, subs_before, "a refused subscription was stored");
+    assert_eq!(
+        subscriptions(&server).await,
+        subs_before,
+        "a refused subscription was stored"
+    );
     // Nothing new listens to add_lead: an event still makes exactly one delivery.
     let receipt = server.emit(good_event(50)).await;
-    assert_eq!(receipt["deliveries"], 1, "a refused subscription matches events");
-    assert_eq!(delivery_ids(&server).await.len(), deliveries_before.len() + 1);
+    assert_eq!(
+        receipt["deliveries"], 1,
+        "a refused subscription matches events"
+    );
+    assert_eq!(
+        delivery_ids(&server).await.len(),
+        deliveries_before.len() + 1
+    );
 }
 
 #[tokio::test]
@@ -428,22 +621,42 @@ async fn private_destinations_are_refused_when_not_allowed() {
         ("http://10.0.0.1/x".into(), vec!["url", "10.0.0.1"]),
         ("http://192.168.1.10/x".into(), vec!["url", "192.168.1.10"]),
         ("http://172.16.0.1/x".into(), vec!["url", "172.16.0.1"]),
-        ("http://169.254.169.254/latest/meta-data/".into(), vec!["url", "169.254.169.254"]),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            vec!["url", "169.254.169.254"],
+        ),
         ("http://[::1]/x".into(), vec!["url", "::1"]),
-        (format!("http://[::ffff:127.0.0.1]:{port}/x"), vec!["url", "127.0.0.1"]),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/x"),
+            vec!["url", "127.0.0.1"],
+        ),
         // The url crate reads these as 127.0.0.1.
-        (format!("http://0x7f000001:{port}/x"), vec!["url", "127.0.0.1"]),
-        (format!("http://2130706433:{port}/x"), vec!["url", "127.0.0.1"]),
+        (
+            format!("http://0x7f000001:{port}/x"),
+            vec!["url", "127.0.0.1"],
+        ),
+        (
+            format!("http://2130706433:{port}/x"),
+            vec!["url", "127.0.0.1"],
+        ),
         ("http://0.0.0.0/x".into(), vec!["url", "0.0.0.0"]),
         (format!("http://localhost:{port}/x"), vec!["url"]),
     ];
+    let mut failures = Vec::new();
     for (url, needles) in &cases {
         let got = server
-            .post_raw("/v1/subscriptions", &json!({"url": url, "events": ["add_lead"]}).to_string())
+            .post_raw(
+                "/v1/subscriptions",
+                &json!({"url": url, "events": ["add_lead"]}).to_string(),
+            )
             .await;
-        assert_problem(url, got, 422, needles);
+        failures.extend(check_problem(url, got, 422, needles).err());
     }
-    assert!(subscriptions(&server).await.is_empty(), "a refused destination was stored");
+    assert_no_failures(&failures);
+    assert!(
+        subscriptions(&server).await.is_empty(),
+        "a refused destination was stored"
+    );
     let receipt = server.emit(good_event(60)).await;
     assert_eq!(receipt["deliveries"], 0);
     assert!(delivery_ids(&server).await.is_empty());
@@ -463,18 +676,63 @@ async fn a_bad_patch_leaves_the_subscription_unchanged() {
     let other = rx.url("/other");
     let cases: Vec<(&str, Value, u16, Vec<&str>)> = vec![
         ("relative url", json!({"url": "/hook"}), 422, vec!["url"]),
-        ("ftp url", json!({"url": "ftp://127.0.0.1/x"}), 422, vec!["url", "ftp"]),
-        ("url with a fragment", json!({"url": format!("{other}#f")}), 422, vec!["url", "fragment"]),
+        (
+            "ftp url",
+            json!({"url": "ftp://127.0.0.1/x"}),
+            422,
+            vec!["url", "ftp"],
+        ),
+        (
+            "url with a fragment",
+            json!({"url": format!("{other}#f")}),
+            422,
+            vec!["url", "fragment"],
+        ),
         ("url not a string", json!({"url": 5}), 422, vec!["url"]),
         ("events empty", json!({"events": []}), 422, vec!["events"]),
-        ("unknown event", json!({"events": ["add_leed"]}), 422, vec!["events", "add_leed"]),
-        ("unknown format", json!({"format": "xml"}), 422, vec!["format", "xml"]),
-        ("unknown retry policy", json!({"retry": "fast"}), 422, vec!["retry", "fast"]),
-        ("timeout not a duration", json!({"timeout": "soon"}), 422, vec!["timeout", "soon"]),
+        (
+            "unknown event",
+            json!({"events": ["add_leed"]}),
+            422,
+            vec!["events", "add_leed"],
+        ),
+        (
+            "unknown format",
+            json!({"format": "xml"}),
+            422,
+            vec!["format", "xml"],
+        ),
+        (
+            "unknown retry policy",
+            json!({"retry": "fast"}),
+            422,
+            vec!["retry", "fast"],
+        ),
+        (
+            "timeout not a duration",
+            json!({"timeout": "soon"}),
+            422,
+            vec!["timeout", "soon"],
+        ),
         ("unknown field", json!({"bogus": true}), 422, vec!["bogus"]),
-        ("invalid header name", json!({"headers": {"bad header": "x"}}), 422, vec!["headers"]),
-        ("filter with an object value", json!({"filter": {"status_id": {}}}), 422, vec!["filter"]),
-        ("enabled not a boolean", json!({"enabled": "no"}), 422, vec!["enabled"]),
+        (
+            "invalid header name",
+            json!({"headers": {"bad header": "x"}}),
+            422,
+            vec!["headers"],
+        ),
+        (
+            "filter with an object value",
+            json!({"filter": {"status_id": {}}}),
+            422,
+            vec!["filter"],
+        ),
+        (
+            "enabled not a boolean",
+            json!({"enabled": "no"}),
+            422,
+            vec!["enabled"],
+        ),
         // A good field beside a bad one is not applied either.
         (
             "good name, bad format",
@@ -495,18 +753,23 @@ async fn a_bad_patch_leaves_the_subscription_unchanged() {
             vec!["timeout"],
         ),
     ];
+    let mut cases: Vec<(&str, String, u16, Vec<&str>)> = cases
+        .into_iter()
+        .map(|(case, body, status, needles)| (case, body.to_string(), status, needles))
+        .collect();
+    cases.push(("malformed JSON", r#"{"name":"#.into(), 400, vec!["JSON"]));
+    cases.push(("empty body", "".into(), 400, vec!["empty"]));
+    let mut failures = Vec::new();
     for (case, body, status, needles) in &cases {
-        let got = send_raw(&server, "PATCH", &path, &body.to_string()).await;
-        assert_problem(case, got, *status, needles);
+        let got = send_raw(&server, "PATCH", &path, body).await;
+        failures.extend(check_problem(case, got, *status, needles).err());
         let (code, now) = server.get(&path).await;
         assert_eq!(code, 200);
-        assert_eq!(now, before, "{case}: the subscription changed");
+        if now != before {
+            failures.push(format!("{case}: the subscription changed to {now}"));
+        }
     }
-    for (case, body) in [("malformed JSON", r#"{"name":"#), ("empty body", "")] {
-        let got = send_raw(&server, "PATCH", &path, body).await;
-        assert_problem(case, got, 400, &[]);
-        assert_eq!(server.get(&path).await.1, before, "{case}: the subscription changed");
-    }
+    assert_no_failures(&failures);
 
     assert_eq!(subscriptions(&server).await, list_before);
     assert_eq!(delivery_ids(&server).await, deliveries_before);
@@ -517,15 +780,17 @@ async fn unknown_and_malformed_ids_are_404_problems() {
     let (server, _rx, sub) = server_with_baseline("").await;
     let list_before = subscriptions(&server).await;
     let unknown = "0190a0b0-0000-7000-8000-000000000000";
+    let mut failures = Vec::new();
     for id in [unknown, "not-a-uuid", "42"] {
         let path = format!("/v1/subscriptions/{id}");
         for (method, body) in [("GET", ""), ("PATCH", r#"{"name":"x"}"#), ("DELETE", "")] {
             let got = send_raw(&server, method, &path, body).await;
-            assert_problem(&format!("{method} {path}"), got, 404, &[id]);
+            failures.extend(check_problem(&format!("{method} {path}"), got, 404, &[id]).err());
         }
         let got = send_raw(&server, "GET", &format!("/v1/deliveries/{id}"), "").await;
-        assert_problem(&format!("GET /v1/deliveries/{id}"), got, 404, &[id]);
+        failures.extend(check_problem(&format!("GET /v1/deliveries/{id}"), got, 404, &[id]).err());
     }
+    assert_no_failures(&failures);
     assert_eq!(subscriptions(&server).await, list_before);
 
     // A deleted subscription is gone for every method.
@@ -533,7 +798,11 @@ async fn unknown_and_malformed_ids_are_404_problems() {
     let path = format!("/v1/subscriptions/{id}");
     let (code, v) = server.delete(&path).await;
     assert_eq!(code, 204, "{v}");
-    for (method, body) in [("GET", ""), ("PATCH", r#"{"enabled":true}"#), ("DELETE", "")] {
+    for (method, body) in [
+        ("GET", ""),
+        ("PATCH", r#"{"enabled":true}"#),
+        ("DELETE", ""),
+    ] {
         let got = send_raw(&server, method, &path, body).await;
         assert_problem(&format!("{method} deleted"), got, 404, &[id]);
     }
@@ -543,6 +812,7 @@ async fn unknown_and_malformed_ids_are_404_problems() {
 #[tokio::test]
 async fn unknown_routes_are_404_problems() {
     let server = TestServer::start("").await;
+    let mut failures = Vec::new();
     for (method, path) in [
         ("GET", "/"),
         ("GET", "/v1/nope"),
@@ -551,27 +821,35 @@ async fn unknown_routes_are_404_problems() {
         ("DELETE", "/nope"),
     ] {
         let got = send_raw(&server, method, path, "").await;
-        assert_problem(&format!("{method} {path}"), got, 404, &[]);
+        failures.extend(check_problem(&format!("{method} {path}"), got, 404, &[]).err());
     }
+    assert_no_failures(&failures);
 }
 
 #[tokio::test]
 async fn a_wrong_method_is_a_405_problem() {
     let server = TestServer::start("").await;
+    let mut failures = Vec::new();
     for (method, path) in [
         ("GET", "/v1/events"),
         ("PUT", "/v1/subscriptions"),
-        ("POST", "/v1/subscriptions/0190a0b0-0000-7000-8000-000000000000"),
+        (
+            "POST",
+            "/v1/subscriptions/0190a0b0-0000-7000-8000-000000000000",
+        ),
         ("DELETE", "/v1/deliveries"),
     ] {
         let got = send_raw(&server, method, path, "").await;
-        assert_problem(&format!("{method} {path}"), got, 405, &[]);
+        failures.extend(check_problem(&format!("{method} {path}"), got, 405, &[]).err());
     }
+    assert_no_failures(&failures);
     assert!(subscriptions(&server).await.is_empty());
 }
 
 async fn create(server: &TestServer, body: Value) -> (u16, Value, String) {
-    server.post_raw("/v1/subscriptions", &body.to_string()).await
+    server
+        .post_raw("/v1/subscriptions", &body.to_string())
+        .await
 }
 
 #[tokio::test]
@@ -586,7 +864,11 @@ async fn the_101st_enabled_subscription_is_refused_at_the_default_limit() {
         ids.push(sub["id"].as_str().unwrap().to_string());
     }
 
-    let got = create(&server, json!({"url": rx.url("/h100"), "events": ["add_lead"]})).await;
+    let got = create(
+        &server,
+        json!({"url": rx.url("/h100"), "events": ["add_lead"]}),
+    )
+    .await;
     assert_problem("101st enabled", got, 422, &["max_subscriptions", "100"]);
     // `enabled: true` said explicitly is the same.
     let got = create(
@@ -594,8 +876,17 @@ async fn the_101st_enabled_subscription_is_refused_at_the_default_limit() {
         json!({"url": rx.url("/h100"), "events": ["add_lead"], "enabled": true}),
     )
     .await;
-    assert_problem("101st, enabled: true", got, 422, &["max_subscriptions", "100"]);
-    assert_eq!(subscriptions(&server).await.len(), 100, "the refused one was stored");
+    assert_problem(
+        "101st, enabled: true",
+        got,
+        422,
+        &["max_subscriptions", "100"],
+    );
+    assert_eq!(
+        subscriptions(&server).await.len(),
+        100,
+        "the refused one was stored"
+    );
 
     // A disabled one does not count.
     let disabled = server
@@ -609,14 +900,20 @@ async fn the_101st_enabled_subscription_is_refused_at_the_default_limit() {
     // Enabling it would make 101.
     let got = send_raw(&server, "PATCH", &off_path, r#"{"enabled":true}"#).await;
     assert_problem("enable the 101st", got, 422, &["max_subscriptions", "100"]);
-    assert_eq!(server.get(&off_path).await.1, off_before, "the refused enable changed it");
+    assert_eq!(
+        server.get(&off_path).await.1,
+        off_before,
+        "the refused enable changed it"
+    );
 
     // Events still go to the 100 enabled ones, and are held for the disabled one (SPEC §6).
     let receipt = server.emit(good_event(70)).await;
     assert_eq!(receipt["deliveries"], 101);
 
     // Deleting an enabled one frees the slot.
-    let (code, v) = server.delete(&format!("/v1/subscriptions/{}", ids[0])).await;
+    let (code, v) = server
+        .delete(&format!("/v1/subscriptions/{}", ids[0]))
+        .await;
     assert_eq!(code, 204, "{v}");
     let (code, enabled) = server.patch(&off_path, &json!({"enabled": true})).await;
     assert_eq!(code, 200, "{enabled}");
@@ -624,7 +921,11 @@ async fn the_101st_enabled_subscription_is_refused_at_the_default_limit() {
     assert_eq!(enabled["disabled_reason"], Value::Null);
 
     // And the limit holds again.
-    let got = create(&server, json!({"url": rx.url("/h101"), "events": ["add_lead"]})).await;
+    let got = create(
+        &server,
+        json!({"url": rx.url("/h101"), "events": ["add_lead"]}),
+    )
+    .await;
     assert_problem("101st again", got, 422, &["max_subscriptions", "100"]);
     let subs = subscriptions(&server).await;
     assert_eq!(subs.len(), 100);
@@ -642,7 +943,11 @@ async fn the_limit_counts_enabled_subscriptions_only() {
             .await;
         paths.push(format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap()));
     }
-    let got = create(&server, json!({"url": rx.url("/h5"), "events": ["add_lead"]})).await;
+    let got = create(
+        &server,
+        json!({"url": rx.url("/h5"), "events": ["add_lead"]}),
+    )
+    .await;
     assert_problem("6th of 5", got, 422, &["max_subscriptions", "5"]);
 
     // At the limit, an enabled subscription can still be changed, and enabled again.
@@ -662,10 +967,21 @@ async fn the_limit_counts_enabled_subscriptions_only() {
     assert_eq!(sixth["enabled"], true);
     let (_, before) = server.get(&paths[1]).await;
     let got = send_raw(&server, "PATCH", &paths[1], r#"{"enabled":true}"#).await;
-    assert_problem("re-enable over the limit", got, 422, &["max_subscriptions", "5"]);
+    assert_problem(
+        "re-enable over the limit",
+        got,
+        422,
+        &["max_subscriptions", "5"],
+    );
     assert_eq!(server.get(&paths[1]).await.1, before);
     // Also with other fields in the same request: none of them is applied.
-    let got = send_raw(&server, "PATCH", &paths[1], r#"{"enabled":true,"name":"x"}"#).await;
+    let got = send_raw(
+        &server,
+        "PATCH",
+        &paths[1],
+        r#"{"enabled":true,"name":"x"}"#,
+    )
+    .await;
     assert_problem("re-enable with a rename", got, 422, &["max_subscriptions"]);
     assert_eq!(server.get(&paths[1]).await.1, before);
 
@@ -689,7 +1005,13 @@ async fn concurrent_creates_do_not_overshoot_the_limit() {
             let url = server.url("/v1/subscriptions");
             let body = json!({"url": rx.url(&format!("/race{i}")), "events": ["add_lead"]});
             tokio::spawn(async move {
-                http.post(url).json(&body).send().await.unwrap().status().as_u16()
+                http.post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
             })
         })
         .collect();

@@ -213,6 +213,13 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
 /// The whole API.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.config.server.max_body as usize;
@@ -232,6 +239,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::show))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)

@@ -141,6 +141,16 @@ mod tests {
     }
 
     #[test]
+    fn reproduces_the_captured_status_lead_vector() {
+        let v: Value =
+            serde_json::from_str(include_str!("../../tests/vectors/amocrm_status_lead.json"))
+                .unwrap();
+        let event = crate::event::Event::from_value(v["event"].clone()).unwrap();
+        let body = encode(&event.payload(&serde_json::Map::new()));
+        assert_eq!(body, v["expected_body"].as_str().unwrap());
+    }
+
+    #[test]
     fn top_level_scalars_give_nothing() {
         assert_eq!(encode(&json!(5)), "");
         assert_eq!(encode(&json!(["a"])), "0=a");
