@@ -21,14 +21,14 @@ async fn send_raw(
     server: &TestServer,
     method: &str,
     path: &str,
-    body: &str,
+    body: impl Into<Vec<u8>>,
 ) -> (u16, Value, String) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let r = server
         .http
         .request(method, server.url(path))
         .header("content-type", "application/json")
-        .body(body.to_string())
+        .body(body.into())
         .send()
         .await
         .unwrap();
@@ -66,7 +66,7 @@ fn check_problem(
         ));
     }
     for field in ["type", "title"] {
-        if !body[field].as_str().is_some_and(|t| !t.is_empty()) {
+        if body[field].as_str().is_none_or(str::is_empty) {
             return Err(format!("{case}: problem has no {field}: {body}"));
         }
     }
@@ -272,12 +272,25 @@ async fn bad_events_are_400_problems_and_store_nothing() {
                 .to_string(),
             vec!["event 1", "\"x\""],
         ),
+        (
+            "nesting deeper than the parser allows",
+            format!(
+                r#"{{"event":"add_lead","data":{{"id":1,"deep":{}1{}}}}}"#,
+                "[".repeat(300),
+                "]".repeat(300)
+            ),
+            vec!["JSON"],
+        ),
     ];
     let mut failures = Vec::new();
     for (case, body, needles) in &cases {
         let got = server.post_raw("/v1/events", body).await;
         failures.extend(check_problem(case, got, 400, needles).err());
     }
+    let mut not_utf8 = br#"{"event":"add_lead","data":{"id":1,"name":""#.to_vec();
+    not_utf8.extend_from_slice(b"\xff\xfe\"}}");
+    let got = send_raw(&server, "POST", "/v1/events", not_utf8).await;
+    failures.extend(check_problem("invalid UTF-8", got, 400, &[]).err());
     assert_no_failures(&failures);
 
     assert_eq!(
@@ -294,7 +307,7 @@ async fn bad_events_are_400_problems_and_store_nothing() {
 
 #[tokio::test]
 async fn json_with_trailing_data_is_refused() {
-    let (server, rx, _sub) = server_with_baseline("").await;
+    let (server, rx, baseline_sub) = server_with_baseline("").await;
     let subs_before = subscriptions(&server).await;
     let deliveries_before = delivery_ids(&server).await;
 
@@ -319,12 +332,21 @@ async fn json_with_trailing_data_is_refused() {
         let got = server.post_raw("/v1/subscriptions", &body).await;
         failures.extend(check_problem(case, got, 400, &["JSON"]).err());
     }
+    let baseline = format!("/v1/subscriptions/{}", baseline_sub["id"].as_str().unwrap());
+    let got = send_raw(
+        &server,
+        "PATCH",
+        &baseline,
+        r#"{"name":"renamed"} trailing"#,
+    )
+    .await;
+    failures.extend(check_problem("patch followed by garbage", got, 400, &["JSON"]).err());
     assert_no_failures(&failures);
 
     assert_eq!(
         subscriptions(&server).await,
         subs_before,
-        "a refused subscription was stored"
+        "a refused subscription was stored or changed"
     );
     assert_eq!(
         delivery_ids(&server).await,
@@ -378,13 +400,38 @@ async fn a_body_over_max_body_is_413_on_every_endpoint() {
     let got = server.post_raw("/v1/subscriptions", &big_sub).await;
     assert_problem("2 KiB subscription", got, 413, &["max_body"]);
 
+    // Without a Content-Length (chunked), the limit holds too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big_event
+        .as_bytes()
+        .chunks(256)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let r = server
+        .http
+        .post(server.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let code = r.status().as_u16();
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null);
+    assert_problem("2 KiB chunked event", (code, body, ct), 413, &["max_body"]);
+
     let big_patch = json!({"name": "n".repeat(2048)}).to_string();
     let id = sub["id"].as_str().unwrap();
     let got = send_raw(
         &server,
         "PATCH",
         &format!("/v1/subscriptions/{id}"),
-        &big_patch,
+        big_patch.as_str(),
     )
     .await;
     assert_problem("2 KiB patch", got, 413, &["max_body"]);
@@ -540,6 +587,24 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
             vec!["headers", "bad header"],
         ),
         (
+            "header value with a line break",
+            with("headers", json!({"X-Key": "k\r\nX-Injected: 1"})),
+            422,
+            vec!["headers", "X-Key"],
+        ),
+        (
+            "a header the dispatcher signs with",
+            with("headers", json!({"webhook-signature": "v1,forged"})),
+            422,
+            vec!["headers", "webhook-signature"],
+        ),
+        (
+            "zero timeout",
+            with("timeout", json!("0s")),
+            422,
+            vec!["timeout"],
+        ),
+        (
             "header value not a string",
             with("headers", json!({"X-Key": 5})),
             422,
@@ -589,6 +654,10 @@ async fn bad_subscriptions_are_refused_and_store_nothing() {
         let got = server.post_raw("/v1/subscriptions", &body).await;
         if case == "url with userinfo" && got.1["detail"].to_string().contains("s3cr3tpw") {
             failures.push(format!("{case}: detail echoes the password: {}", got.1));
+        }
+        // Header values are secrets (SPEC §5.2): a refusal names the header, never the value.
+        if case == "header value with a line break" && got.1.to_string().contains("X-Injected") {
+            failures.push(format!("{case}: the problem echoes the value: {}", got.1));
         }
         failures.extend(check_problem(case, got, status, &needles).err());
     }
@@ -689,6 +758,37 @@ async fn a_bad_patch_leaves_the_subscription_unchanged() {
             vec!["url", "fragment"],
         ),
         ("url not a string", json!({"url": 5}), 422, vec!["url"]),
+        ("url null", json!({"url": null}), 422, vec!["url", "null"]),
+        (
+            "events null",
+            json!({"events": null}),
+            422,
+            vec!["events", "null"],
+        ),
+        (
+            "format null",
+            json!({"format": null}),
+            422,
+            vec!["format", "null"],
+        ),
+        (
+            "retry null",
+            json!({"retry": null}),
+            422,
+            vec!["retry", "null"],
+        ),
+        (
+            "enabled null",
+            json!({"enabled": null}),
+            422,
+            vec!["enabled", "null"],
+        ),
+        (
+            "headers null",
+            json!({"headers": null}),
+            422,
+            vec!["headers", "null"],
+        ),
         ("events empty", json!({"events": []}), 422, vec!["events"]),
         (
             "unknown event",
@@ -761,7 +861,7 @@ async fn a_bad_patch_leaves_the_subscription_unchanged() {
     cases.push(("empty body", "".into(), 400, vec!["empty"]));
     let mut failures = Vec::new();
     for (case, body, status, needles) in &cases {
-        let got = send_raw(&server, "PATCH", &path, body).await;
+        let got = send_raw(&server, "PATCH", &path, body.as_str()).await;
         failures.extend(check_problem(case, got, *status, needles).err());
         let (code, now) = server.get(&path).await;
         assert_eq!(code, 200);
@@ -810,6 +910,27 @@ async fn unknown_and_malformed_ids_are_404_problems() {
 }
 
 #[tokio::test]
+async fn bad_delivery_queries_are_400_problems() {
+    let (server, _rx, _sub) = server_with_baseline("").await;
+    let mut failures = Vec::new();
+    for (query, needles) in [
+        ("status=bogus", vec!["bogus"]),
+        ("limit=abc", vec!["limit"]),
+        ("limit=0", vec!["limit"]),
+        ("limit=1001", vec!["limit"]),
+        ("subscription=not-an-id", vec!["not-an-id"]),
+        ("event=add_leed", vec!["add_leed", "add_lead"]),
+        ("since=yesterday", vec!["yesterday"]),
+        ("cursor=nope", vec!["nope"]),
+        ("unknown=1", vec!["unknown"]),
+    ] {
+        let got = send_raw(&server, "GET", &format!("/v1/deliveries?{query}"), "").await;
+        failures.extend(check_problem(query, got, 400, &needles).err());
+    }
+    assert_no_failures(&failures);
+}
+
+#[tokio::test]
 async fn unknown_routes_are_404_problems() {
     let server = TestServer::start("").await;
     let mut failures = Vec::new();
@@ -819,6 +940,8 @@ async fn unknown_routes_are_404_problems() {
         ("POST", "/v1/event"),
         ("GET", "/v1/subscriptions/x/y/z"),
         ("DELETE", "/nope"),
+        ("GET", "/v1/subscriptions/"),
+        ("POST", "/v1/events/"),
     ] {
         let got = send_raw(&server, method, path, "").await;
         failures.extend(check_problem(&format!("{method} {path}"), got, 404, &[]).err());

@@ -62,22 +62,37 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SubscriptionError
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionInput {
+    #[serde(default, deserialize_with = "not_null")]
     pub url: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     pub events: Option<Vec<String>>,
     #[serde(default, deserialize_with = "some")]
     pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     pub format: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     pub retry: Option<String>,
     #[serde(default, deserialize_with = "some")]
     pub filter: Option<Option<Filter>>,
+    #[serde(default, deserialize_with = "not_null")]
     pub headers: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "some")]
     pub timeout: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     pub enabled: Option<bool>,
     #[serde(default, deserialize_with = "some")]
     pub entity_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
     pub field_map: Option<Option<BTreeMap<String, String>>>,
+}
+
+/// A field that may be absent but not `null` (it has no "unset" state).
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Tells a field that is present but `null` (Some(None)) from one that is absent (None).

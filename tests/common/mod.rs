@@ -68,10 +68,13 @@ impl Received {
     }
 }
 
-/// How a receiver answers: a queue of (status, extra headers) used in order, then `then` forever.
+/// One scripted answer: a status and extra headers.
+type Answer = (u16, Vec<(String, String)>);
+
+/// How a receiver answers: a queue of answers used in order, then `then` forever.
 #[derive(Clone)]
 struct Script {
-    queue: Arc<Mutex<VecDeque<(u16, Vec<(String, String)>)>>>,
+    queue: Arc<Mutex<VecDeque<Answer>>>,
     then: u16,
     delay: Duration,
 }
