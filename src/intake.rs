@@ -6,6 +6,7 @@
 
 use crate::delivery::Engine;
 use crate::event::{Event, EventError};
+use crate::ops::metrics::Metrics;
 use crate::store::{Delivery, DeliveryStatus, Store, StoreError, StoredEvent};
 use crate::subscription::{Registry, now_ms};
 use serde::Serialize;
@@ -35,6 +36,10 @@ pub enum IntakeError {
     BatchTooLarge { got: usize, max: usize },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
+    #[error(
+        "the dispatcher is over its intake backlog ({0} events waiting to be stored); retry shortly"
+    )]
+    Overloaded(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -45,6 +50,23 @@ pub struct Intake {
     engine: Arc<Engine>,
     max_batch: usize,
     closed: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// Events received and not yet durable above which intake answers 503: past this, clients should
+/// back off rather than queue more memory in the daemon.
+pub const MAX_BACKLOG: i64 = 100_000;
+
+/// Counts events in the backlog gauge while they are being stored.
+struct Backlog<'a> {
+    metrics: &'a Metrics,
+    n: i64,
+}
+
+impl Drop for Backlog<'_> {
+    fn drop(&mut self) {
+        self.metrics.backlog_changed(-self.n);
+    }
 }
 
 impl Intake {
@@ -53,6 +75,7 @@ impl Intake {
         registry: Arc<Registry>,
         engine: Arc<Engine>,
         max_batch: usize,
+        metrics: Arc<Metrics>,
     ) -> Intake {
         Intake {
             store,
@@ -60,6 +83,7 @@ impl Intake {
             engine,
             max_batch,
             closed: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -118,7 +142,17 @@ impl Intake {
         if self.is_closed() {
             return Err(IntakeError::ShuttingDown);
         }
+        let waiting = self.metrics.backlog();
+        if waiting >= MAX_BACKLOG {
+            return Err(IntakeError::Overloaded(waiting));
+        }
+        self.metrics.backlog_changed(events.len() as i64);
+        let _backlog = Backlog {
+            metrics: &self.metrics,
+            n: events.len() as i64,
+        };
         let now = now_ms();
+        let mut held = Vec::new();
         let mut items = Vec::with_capacity(events.len());
         let mut receipts = Vec::with_capacity(events.len());
         let mut touched: Vec<Uuid> = Vec::new();
@@ -134,7 +168,7 @@ impl Intake {
                         if !touched.contains(&s.id) {
                             touched.push(s.id);
                         }
-                        Delivery {
+                        let d = Delivery {
                             id: Uuid::now_v7(),
                             event_id,
                             event: name.clone(),
@@ -145,7 +179,11 @@ impl Intake {
                             ended_at: None,
                             error: None,
                             attempts: Vec::new(),
+                        };
+                        if !s.enabled {
+                            held.push((d.clone(), s.clone()));
                         }
+                        d
                     })
                     .collect();
                 receipts.push(Receipt {
@@ -164,8 +202,13 @@ impl Intake {
             self.store.accept(&items)?;
         }
         self.store.flush().await?;
+        let created: usize = receipts.iter().map(|r| r.deliveries).sum();
+        self.metrics.events_accepted(receipts.len(), created);
         for id in &touched {
             self.engine.wake(id);
+        }
+        for (d, sub) in &held {
+            self.engine.publish_held(d, sub);
         }
         Ok(receipts)
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod intake;
+pub mod ops;
 pub mod payload;
 pub mod store;
 pub mod subscription;
@@ -58,6 +59,9 @@ pub struct App {
     pub registry: Arc<Registry>,
     pub engine: Arc<Engine>,
     pub intake: Arc<Intake>,
+    pub metrics: Arc<ops::metrics::Metrics>,
+    /// Stops the background tasks (retention).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// A running dispatcher: storage open, lanes started. Serve its API with [`Dispatcher::serve`].
@@ -85,12 +89,15 @@ impl Dispatcher {
                 "attempts in flight at the last stop are due again"
             );
         }
+        let metrics = Arc::new(ops::metrics::Metrics::new());
+        let stream = ops::stream::AttemptStream::default();
         let guard = Arc::new(Guard::new(config.delivery.allow_private.clone()));
         let registry = Arc::new(Registry::load(
             store.clone(),
             guard.clone(),
             config.retry_policies(),
             config.limits.max_subscriptions,
+            metrics.clone(),
         )?);
         let client = delivery::attempt::build_client(
             guard.clone(),
@@ -115,13 +122,24 @@ impl Dispatcher {
                 max_retry_after: config.delivery.max_retry_after,
                 account,
             },
+            stream,
+            metrics.clone(),
         );
+        // Counted before any lane runs, so attempts only ever move it from the true value.
+        metrics.set_pending(store.count_pending() as i64);
         engine.start();
         let intake = Arc::new(Intake::new(
             store.clone(),
             registry.clone(),
             engine.clone(),
             config.limits.max_batch,
+            metrics.clone(),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(ops::retention::run(
+            store.clone(),
+            config.retention.clone(),
+            stop.clone(),
         ));
         Ok(Dispatcher {
             app: Arc::new(App {
@@ -130,6 +148,8 @@ impl Dispatcher {
                 registry,
                 engine,
                 intake,
+                metrics,
+                stop,
             }),
         })
     }
@@ -170,6 +190,7 @@ impl Dispatcher {
     /// Closes intake, stops the engine (attempts in flight get up to 10 s) and flushes storage.
     pub async fn shutdown(&self) {
         self.app.intake.close();
+        self.app.stop.cancel();
         self.app.engine.shutdown(SHUTDOWN_GRACE).await;
     }
 }

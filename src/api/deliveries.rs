@@ -2,10 +2,12 @@
 
 use super::{ApiError, rfc3339};
 use crate::App;
-use crate::store::{Delivery, DeliveryStatus};
+use crate::store::{Delivery, DeliveryQuery, DeliveryStatus, StatusFilter};
+use crate::subscription::now_ms;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -64,54 +66,71 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-/// `GET /v1/deliveries`: newest first, filtered, paginated by cursor.
-pub async fn list(
-    State(app): State<Arc<App>>,
-    query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s @ ("pending" | "in_flight" | "delivered" | "failed")) => Some(s.to_string()),
+/// Parses the filters shared by the listing and the stream.
+pub fn parse_filters(
+    status: Option<&str>,
+    subscription: Option<&str>,
+    event: Option<&str>,
+) -> Result<(Option<StatusFilter>, Option<Uuid>, Option<String>), ApiError> {
+    let status = match status.filter(|s| !s.is_empty()) {
+        None => None,
+        Some("pending") => Some(StatusFilter::Pending),
+        Some("in_flight") => Some(StatusFilter::InFlight),
+        Some("delivered") => Some(StatusFilter::Delivered),
+        Some("failed") => Some(StatusFilter::Failed),
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "status {other:?} is not one of pending, in_flight, delivered, failed"
             )));
         }
     };
-    let subscription = q
-        .subscription
-        .as_deref()
+    let subscription = subscription
         .filter(|s| !s.is_empty())
         .map(|s| {
             Uuid::parse_str(s)
                 .map_err(|_| ApiError::bad_request(format!("subscription {s:?} is not an id")))
         })
         .transpose()?;
-    if let Some(e) = q.event.as_deref().filter(|e| !e.is_empty())
-        && crate::event::EventName::parse(e).is_none()
-    {
-        return Err(ApiError::bad_request(crate::event::unknown_event_message(
-            e,
-        )));
-    }
-    let since = q
+    let event = match event.filter(|e| !e.is_empty()) {
+        Some(e) if crate::event::EventName::parse(e).is_none() => {
+            return Err(ApiError::bad_request(crate::event::unknown_event_message(
+                e,
+            )));
+        }
+        e => e.map(str::to_string),
+    };
+    Ok((status, subscription, event))
+}
+
+/// An RFC 3339 time as milliseconds since the epoch, or a 400 naming `field`.
+pub fn parse_time(field: &str, s: &str) -> Result<u64, ApiError> {
+    humantime::parse_rfc3339_weak(s)
+        .map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        })
+        .map_err(|e| ApiError::bad_request(format!("{field} {s:?} is not an RFC 3339 time: {e}")))
+}
+
+/// `GET /v1/deliveries`: newest first, filtered, paginated by cursor.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (status, subscription, event) = parse_filters(
+        q.status.as_deref(),
+        q.subscription.as_deref(),
+        q.event.as_deref(),
+    )?;
+    let since_ms = q
         .since
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            humantime::parse_rfc3339_weak(s)
-                .map(|t| {
-                    t.duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0)
-                })
-                .map_err(|e| {
-                    ApiError::bad_request(format!("since {s:?} is not an RFC 3339 time: {e}"))
-                })
-        })
+        .map(|s| parse_time("since", s))
         .transpose()?;
-    let cursor = q
+    let before = q
         .cursor
         .as_deref()
         .filter(|s| !s.is_empty())
@@ -124,36 +143,70 @@ pub async fn list(
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
-    let store = &app.store;
-    let in_flight_of = |d: &Delivery| {
-        d.status == DeliveryStatus::Pending
-            && store
-                .is_in_flight(&d.subscription_id, &d.id)
-                .unwrap_or(false)
+    let store = app.store.clone();
+    let query = DeliveryQuery {
+        status,
+        subscription,
+        event,
+        since_ms,
+        before,
+        limit,
     };
-    let page = store
-        .deliveries(cursor.as_ref(), limit, |d| {
-            subscription.is_none_or(|s| d.subscription_id == s)
-                && q.event
-                    .as_deref()
-                    .is_none_or(|e| e.is_empty() || d.event == e)
-                && since.is_none_or(|t| d.created_at >= t)
-                && status.as_deref().is_none_or(|s| {
-                    let current = match d.status {
-                        DeliveryStatus::Pending if in_flight_of(d) => "in_flight",
-                        DeliveryStatus::Pending => "pending",
-                        DeliveryStatus::Delivered => "delivered",
-                        DeliveryStatus::Failed => "failed",
-                    };
-                    current == s
-                })
-        })
-        .map_err(ApiError::internal)?;
-    let next_cursor = (page.len() == limit).then(|| page.last().map(|d| d.id.to_string()));
-    let items: Vec<Value> = page.iter().map(|d| view(d, in_flight_of(d))).collect();
-    Ok(Json(
-        json!({ "deliveries": items, "next_cursor": next_cursor.flatten() }),
-    ))
+    // A listing walks sled: keep it off the async workers.
+    let (page, items) = tokio::task::spawn_blocking(move || {
+        let page = store.deliveries(&query)?;
+        let items: Vec<Value> = page
+            .deliveries
+            .iter()
+            .map(|d| {
+                let in_flight = d.status == DeliveryStatus::Pending
+                    && store
+                        .is_in_flight(&d.subscription_id, &d.id)
+                        .unwrap_or(false);
+                view(d, in_flight)
+            })
+            .collect();
+        Ok::<_, crate::store::StoreError>((page.next, items))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(Json(json!({ "deliveries": items, "next_cursor": page })))
+}
+
+/// `POST /v1/deliveries/{id}/redeliver`: a fresh attempt now, whatever the status.
+pub async fn redeliver(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let not_found = || ApiError::not_found(format!("no delivery with id {id}"));
+    let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let current = app
+        .store
+        .delivery(&uuid)
+        .map_err(ApiError::internal)?
+        .ok_or_else(not_found)?;
+    if app.registry.get(&current.subscription_id).is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the delivery's subscription was deleted",
+        ));
+    }
+    let d = match app
+        .store
+        .redeliver(&uuid, now_ms())
+        .map_err(ApiError::internal)?
+    {
+        None => return Err(not_found()),
+        Some(Err(msg)) => return Err(ApiError::new(StatusCode::CONFLICT, msg)),
+        Some(Ok(d)) => d,
+    };
+    app.store.flush().await.map_err(ApiError::internal)?;
+    if current.status != DeliveryStatus::Pending {
+        app.metrics.pending_changed(1);
+    }
+    app.engine.wake(&d.subscription_id);
+    Ok((StatusCode::ACCEPTED, Json(view(&d, false))))
 }
 
 pub async fn show(
@@ -173,4 +226,45 @@ pub async fn show(
             .is_in_flight(&d.subscription_id, &d.id)
             .map_err(ApiError::internal)?;
     Ok(Json(view(&d, in_flight)))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverBody {
+    since: String,
+}
+
+/// `POST /v1/subscriptions/{id}/recover {"since"}`: redelivers every `failed` delivery of the
+/// subscription created since then.
+pub async fn recover(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    bytes: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::not_found(format!("no subscription with id {id}"));
+    let sub = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    if app.registry.get(&sub).is_none() {
+        return Err(not_found());
+    }
+    let bytes = super::body(bytes, app.config.server.max_body)?;
+    let body: RecoverBody = super::parse_json(&bytes)?;
+    let since = parse_time("since", &body.since)?;
+    let store = app.store.clone();
+    let scheduled = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let mut n = 0usize;
+        for did in store.failed_since(&sub, since)? {
+            if let Some(Ok(_)) = store.redeliver(&did, now)? {
+                n += 1;
+            }
+        }
+        Ok::<_, crate::store::StoreError>(n)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    app.store.flush().await.map_err(ApiError::internal)?;
+    app.metrics.pending_changed(scheduled as i64);
+    app.engine.wake(&sub);
+    Ok(Json(json!({ "scheduled": scheduled })))
 }

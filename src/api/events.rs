@@ -21,7 +21,7 @@ impl From<IntakeError> for ApiError {
             IntakeError::BatchTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
-            IntakeError::ShuttingDown => {
+            IntakeError::ShuttingDown | IntakeError::Overloaded(_) => {
                 let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 err.retry_after = Some(5);
                 err

@@ -3,6 +3,7 @@
 
 mod deliveries;
 mod events;
+mod ops;
 mod subscriptions;
 
 use crate::App;
@@ -201,18 +202,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> Response {
-    if app.store.writable() {
-        (
-            StatusCode::OK,
-            axum::Json(json!({"status": "ok", "storage": "writable"})),
-        )
-            .into_response()
-    } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage is not writable").into_response()
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
@@ -239,9 +228,13 @@ pub fn router(app: Arc<App>) -> Router {
                 .patch(subscriptions::update)
                 .delete(subscriptions::delete),
         )
+        .route("/v1/subscriptions/{id}/recover", post(deliveries::recover))
         .route("/v1/deliveries", get(deliveries::list))
+        .route("/v1/deliveries/stream", get(ops::stream))
         .route("/v1/deliveries/{id}", get(deliveries::show))
-        .route("/healthz", get(healthz))
+        .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))

@@ -13,6 +13,8 @@ pub mod retry;
 pub mod signature;
 
 use crate::event::Event;
+use crate::ops::metrics::Metrics;
+use crate::ops::stream::{AttemptEvent, AttemptStream, Outcome};
 use crate::store::{Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
 use attempt::{AttemptOutcome, AttemptRequest};
@@ -52,6 +54,8 @@ pub struct Engine {
     stop: CancellationToken,
     attempts: TaskTracker,
     lane_tasks: TaskTracker,
+    stream: AttemptStream,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -61,6 +65,8 @@ impl Engine {
         client: reqwest::Client,
         guard: Arc<Guard>,
         settings: EngineSettings,
+        stream: AttemptStream,
+        metrics: Arc<Metrics>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             global: Arc::new(Semaphore::new(settings.concurrency)),
@@ -73,6 +79,8 @@ impl Engine {
             stop: CancellationToken::new(),
             attempts: TaskTracker::new(),
             lane_tasks: TaskTracker::new(),
+            stream,
+            metrics,
         })
     }
 
@@ -202,6 +210,31 @@ impl Engine {
             }
         };
         let n = d.attempts.len() as u32 + 1;
+        let before = d.status;
+        let host = host_of(&sub.url);
+        let max_attempts = self
+            .registry
+            .policies()
+            .get(&sub.retry)
+            .map(|p| p.max_attempts())
+            .unwrap_or(1);
+        if self.stream.has_readers() {
+            self.stream.publish(AttemptEvent {
+                at: crate::api::rfc3339(now_ms()),
+                delivery_id: d.id,
+                event_id: d.event_id,
+                event: d.event.clone(),
+                subscription_id: sub.id,
+                subscription_name: sub.name.clone(),
+                host: host.clone(),
+                attempt: n,
+                max_attempts,
+                code: None,
+                duration_ms: None,
+                outcome: Outcome::InFlight,
+                next_attempt_at: None,
+            });
+        }
         let started_at = now_ms();
         let outcome = match self.prepare(&sub, &d) {
             Ok((url, body)) => {
@@ -279,15 +312,12 @@ impl Engine {
             d.error = Some("subscription deleted".into());
             d.ended_at = Some(ended);
         }
-        let host = url::Url::parse(&sub.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default();
-        let outcome_name = match d.status {
-            DeliveryStatus::Delivered => "delivered",
-            DeliveryStatus::Pending => "retrying",
-            DeliveryStatus::Failed => "failed",
+        let outcome_kind = match d.status {
+            DeliveryStatus::Delivered => Outcome::Delivered,
+            DeliveryStatus::Pending => Outcome::Retrying,
+            DeliveryStatus::Failed => Outcome::Failed,
         };
+        let next_attempt_at = d.next_attempt_at.map(crate::api::rfc3339);
         tracing::info!(
             delivery = %d.id,
             subscription = %sub.id,
@@ -296,11 +326,31 @@ impl Engine {
             attempt = n,
             code = outcome.code,
             duration_ms = outcome.duration.as_millis() as u64,
-            outcome = outcome_name,
-            next_attempt_at = ?d.next_attempt_at.map(crate::api::rfc3339),
+            outcome = outcome_kind.as_str(),
+            next_attempt_at = next_attempt_at.as_deref().unwrap_or("-"),
             "attempt"
         );
-        if let Err(e) = self.store.record_attempt(&d) {
+        self.metrics
+            .attempt(outcome_kind.as_str(), outcome.code, outcome.duration);
+        if d.status != DeliveryStatus::Pending {
+            self.metrics.pending_changed(-1);
+        }
+        self.stream.publish(AttemptEvent {
+            at: crate::api::rfc3339(ended),
+            delivery_id: d.id,
+            event_id: d.event_id,
+            event: d.event.clone(),
+            subscription_id: sub.id,
+            subscription_name: sub.name.clone(),
+            host,
+            attempt: n,
+            max_attempts,
+            code: Some(outcome.code),
+            duration_ms: Some(outcome.duration.as_millis() as u64),
+            outcome: outcome_kind,
+            next_attempt_at,
+        });
+        if let Err(e) = self.store.record_attempt(&d, before) {
             tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
         }
         if let Some(reason) = disable
@@ -334,6 +384,54 @@ impl Engine {
         Ok((url, body))
     }
 
+    /// Now minus the due time of the oldest due delivery of an enabled subscription.
+    pub fn scheduler_lag(&self) -> Duration {
+        let now = now_ms();
+        let oldest = self
+            .registry
+            .list()
+            .iter()
+            .filter(|s| s.enabled)
+            .filter_map(|s| self.store.next_due(&s.id).ok().flatten())
+            .map(|d| d.due_ms)
+            .min();
+        oldest.map_or(Duration::ZERO, |due| {
+            Duration::from_millis(now.saturating_sub(due))
+        })
+    }
+
+    /// Publishes that a delivery waits because its subscription is disabled.
+    pub fn publish_held(&self, d: &Delivery, sub: &Subscription) {
+        if !self.stream.has_readers() {
+            return;
+        }
+        let max_attempts = self
+            .registry
+            .policies()
+            .get(&sub.retry)
+            .map(|p| p.max_attempts())
+            .unwrap_or(1);
+        self.stream.publish(AttemptEvent {
+            at: crate::api::rfc3339(now_ms()),
+            delivery_id: d.id,
+            event_id: d.event_id,
+            event: d.event.clone(),
+            subscription_id: sub.id,
+            subscription_name: sub.name.clone(),
+            host: host_of(&sub.url),
+            attempt: d.attempts.len() as u32 + 1,
+            max_attempts,
+            code: None,
+            duration_ms: None,
+            outcome: Outcome::Held,
+            next_attempt_at: None,
+        });
+    }
+
+    pub fn stream(&self) -> &AttemptStream {
+        &self.stream
+    }
+
     /// Stops the lanes, lets attempts in flight finish for up to `grace`, and flushes storage.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
@@ -352,6 +450,15 @@ impl Engine {
             tracing::error!(error = %e, "final flush failed");
         }
     }
+}
+
+/// The host of a destination, the only part of it that is logged or shown live (its path and
+/// query may hold a key).
+pub fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn failure_text(outcome: &AttemptOutcome, n: u32) -> String {

@@ -10,6 +10,14 @@
 //! | `d` delivery_id | [`Delivery`] (JSON) |
 //! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription) |
 //! | `f` sub_id delivery_id | empty: the delivery's attempt is in flight |
+//! | `t` status delivery_id | empty: the delivery log by status |
+//! | `u` sub_id status delivery_id | empty: by subscription and status |
+//! | `v` sub_id delivery_id | empty: by subscription |
+//! | `w` event_name 0x00 delivery_id | empty: by event name |
+//! | `g` event_id delivery_id | empty: the deliveries of an event (to purge the event with its last) |
+//!
+//! The delivery-log indexes are written in the same batch as the record they index, so a listing
+//! walks an index newest first and never scans unrelated records.
 //!
 //! Ids are UUIDv7, so keys sort by creation time. Durability: writes land in sled's log at once and
 //! [`Store::flush`] makes them durable; concurrent callers share one fsync (group commit). Only
@@ -33,7 +41,104 @@ const EVENT: u8 = b'e';
 const DELIVERY: u8 = b'd';
 const DUE: u8 = b'q';
 const IN_FLIGHT: u8 = b'f';
+const BY_STATUS: u8 = b't';
+const BY_SUB_STATUS: u8 = b'u';
+const BY_SUB: u8 = b'v';
+const BY_EVENT_NAME: u8 = b'w';
+const BY_EVENT: u8 = b'g';
 const EMPTY: &[u8] = &[];
+
+/// How many index entries one listing may walk before it answers with what it found and a cursor
+/// to go on from, so that a rare combination of filters cannot make a request run long.
+const SCAN_BUDGET: usize = 50_000;
+
+fn status_byte(s: DeliveryStatus) -> u8 {
+    match s {
+        DeliveryStatus::Pending => b'p',
+        DeliveryStatus::Delivered => b'd',
+        DeliveryStatus::Failed => b'f',
+    }
+}
+
+/// The index keys of a delivery in its current status.
+fn index_keys(d: &Delivery) -> [Vec<u8>; 5] {
+    let id = d.id.as_bytes();
+    let sub = d.subscription_id.as_bytes();
+    let st = status_byte(d.status);
+    let cat = |parts: &[&[u8]]| parts.concat();
+    [
+        cat(&[&[BY_STATUS, st], id]),
+        cat(&[&[BY_SUB_STATUS], sub, &[st], id]),
+        cat(&[&[BY_SUB], sub, id]),
+        cat(&[&[BY_EVENT_NAME], d.event.as_bytes(), &[0], id]),
+        cat(&[&[BY_EVENT], d.event_id.as_bytes(), id]),
+    ]
+}
+
+/// Adds a delivery record and its index keys to a batch; `before` is the status it is stored
+/// under now (its status-dependent keys move), `None` for a new delivery.
+fn put_delivery(batch: &mut sled::Batch, d: &Delivery, before: Option<DeliveryStatus>) {
+    if let Some(old) = before
+        && old != d.status
+    {
+        let mut was = d.clone();
+        was.status = old;
+        let [by_status, by_sub_status, ..] = index_keys(&was);
+        batch.remove(by_status);
+        batch.remove(by_sub_status);
+    }
+    batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
+    for k in index_keys(d) {
+        batch.insert(k, EMPTY);
+    }
+}
+
+/// The smallest UUIDv7 of a millisecond: a bound for "created since".
+fn uuid_floor(ms: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    b
+}
+
+/// Which deliveries a listing wants (SPEC §5.4).
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub status: Option<StatusFilter>,
+    pub subscription: Option<Uuid>,
+    pub event: Option<String>,
+    /// Created at or after this time (ms).
+    pub since_ms: Option<u64>,
+    /// Older than this delivery (the cursor).
+    pub before: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// A status as the API names it: `in_flight` is a pending delivery with an attempt under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Pending,
+    InFlight,
+    Delivered,
+    Failed,
+}
+
+impl StatusFilter {
+    fn stored(self) -> DeliveryStatus {
+        match self {
+            StatusFilter::Pending | StatusFilter::InFlight => DeliveryStatus::Pending,
+            StatusFilter::Delivered => DeliveryStatus::Delivered,
+            StatusFilter::Failed => DeliveryStatus::Failed,
+        }
+    }
+}
+
+/// One page of the delivery log.
+#[derive(Debug, Default)]
+pub struct DeliveryPage {
+    pub deliveries: Vec<Delivery>,
+    /// Where the next page starts, when there may be more.
+    pub next: Option<Uuid>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -209,11 +314,12 @@ impl Store {
                 batch.remove(k.clone());
                 let did = uuid_at(&k, k.len() - 16);
                 if let Some(mut d) = self.delivery(&did)? {
+                    let before = d.status;
                     d.status = DeliveryStatus::Failed;
                     d.next_attempt_at = None;
                     d.error = Some(reason.to_string());
                     d.ended_at = Some(now_ms);
-                    batch.insert(key(DELIVERY, &did).as_slice(), encode(&d));
+                    put_delivery(&mut batch, &d, Some(before));
                     ended += 1;
                 }
             }
@@ -230,7 +336,7 @@ impl Store {
         for (event, deliveries) in items {
             batch.insert(key(EVENT, &event.id).as_slice(), encode(event));
             for d in deliveries {
-                batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
+                put_delivery(&mut batch, d, None);
                 let due = d.next_attempt_at.unwrap_or(d.created_at);
                 batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
             }
@@ -249,34 +355,68 @@ impl Store {
         self.tree.get(k)?.map(|v| decode(&k, &v)).transpose()
     }
 
-    /// Deliveries newest first, starting after `before` (a cursor: the last id of the previous
-    /// page), keeping those `keep` accepts, at most `limit`.
-    ///
-    /// This walks the delivery records in id (time) order; the delivery log's secondary indexes
-    /// (by subscription, status, event) are a later step.
-    pub fn deliveries(
-        &self,
-        before: Option<&Uuid>,
-        limit: usize,
-        mut keep: impl FnMut(&Delivery) -> bool,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let start = [DELIVERY];
-        let end = match before {
-            Some(id) => key(DELIVERY, id).to_vec(),
-            None => vec![DELIVERY + 1],
+    /// A page of the delivery log, newest first, walking the index that fits the filters best.
+    pub fn deliveries(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+        let status = q.status.map(|s| status_byte(s.stored()));
+        // The driving index: its prefix, and which filters it already applies.
+        let (prefix, by_sub, by_status, by_event) = match (q.subscription, status, &q.event) {
+            (Some(sub), Some(st), _) => (
+                [&[BY_SUB_STATUS][..], sub.as_bytes(), &[st]].concat(),
+                true,
+                true,
+                false,
+            ),
+            (Some(sub), None, _) => ([&[BY_SUB][..], sub.as_bytes()].concat(), true, false, false),
+            (None, _, Some(e)) => (
+                [&[BY_EVENT_NAME][..], e.as_bytes(), &[0]].concat(),
+                false,
+                false,
+                true,
+            ),
+            (None, Some(st), None) => (vec![BY_STATUS, st], false, true, false),
+            (None, None, None) => (vec![DELIVERY], false, false, false),
         };
-        let mut out = Vec::new();
-        for r in self.tree.range(start.to_vec()..end).rev() {
-            let (k, v) = r?;
-            let d: Delivery = decode(&k, &v)?;
-            if keep(&d) {
-                out.push(d);
-                if out.len() >= limit {
+        let lower = [&prefix[..], &uuid_floor(q.since_ms.unwrap_or(0))].concat();
+        let upper = match &q.before {
+            Some(id) => [&prefix[..], id.as_bytes()].concat(),
+            None => {
+                let mut p = prefix.clone();
+                p.push(0xff);
+                p.extend_from_slice(&[0xff; 16]);
+                p
+            }
+        };
+        let mut page = DeliveryPage::default();
+        let mut walked = 0;
+        for r in self.tree.range(lower..upper).rev() {
+            let (k, _) = r?;
+            let did = uuid_at(&k, k.len() - 16);
+            walked += 1;
+            if walked > SCAN_BUDGET {
+                page.next = Some(did);
+                return Ok(page);
+            }
+            let Some(d) = self.delivery(&did)? else {
+                continue;
+            };
+            let keep = (by_sub || q.subscription.is_none_or(|s| d.subscription_id == s))
+                && (by_status || status.is_none_or(|st| status_byte(d.status) == st))
+                && (by_event || q.event.as_deref().is_none_or(|e| d.event == e))
+                && q.since_ms.is_none_or(|t| d.created_at >= t)
+                && match q.status {
+                    Some(StatusFilter::InFlight) => self.is_in_flight(&d.subscription_id, &d.id)?,
+                    Some(StatusFilter::Pending) => !self.is_in_flight(&d.subscription_id, &d.id)?,
+                    _ => true,
+                };
+            if keep {
+                page.deliveries.push(d);
+                if page.deliveries.len() >= q.limit {
+                    page.next = Some(did);
                     break;
                 }
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
     pub fn is_in_flight(&self, sub: &Uuid, delivery: &Uuid) -> Result<bool, StoreError> {
@@ -327,11 +467,12 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Writes an attempt's outcome: the updated delivery, the end of its in-flight entry, and its
-    /// next due entry when another attempt follows.
-    pub fn record_attempt(&self, d: &Delivery) -> Result<(), StoreError> {
+    /// Writes an attempt's outcome: the updated delivery (stored until now with status
+    /// `before`), the end of its in-flight entry, and its next due entry when another attempt
+    /// follows.
+    pub fn record_attempt(&self, d: &Delivery, before: DeliveryStatus) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
+        put_delivery(&mut batch, d, Some(before));
         batch.remove(in_flight_key(&d.subscription_id, &d.id).as_slice());
         if d.status == DeliveryStatus::Pending {
             let due = d.next_attempt_at.unwrap_or(0);
@@ -339,6 +480,138 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Schedules a fresh attempt of a delivery at `now_ms`, whatever its status. `Ok(None)` when
+    /// there is no such delivery; an error message when an attempt is in flight.
+    pub fn redeliver(
+        &self,
+        id: &Uuid,
+        now_ms: u64,
+    ) -> Result<Option<Result<Delivery, String>>, StoreError> {
+        let Some(mut d) = self.delivery(id)? else {
+            return Ok(None);
+        };
+        if self.is_in_flight(&d.subscription_id, &d.id)? {
+            return Ok(Some(Err("an attempt of this delivery is in flight".into())));
+        }
+        let mut batch = sled::Batch::default();
+        if d.status == DeliveryStatus::Pending
+            && let Some(due) = d.next_attempt_at
+        {
+            batch.remove(due_key(&d.subscription_id, due, &d.id).as_slice());
+        }
+        let before = d.status;
+        d.status = DeliveryStatus::Pending;
+        d.next_attempt_at = Some(now_ms);
+        d.ended_at = None;
+        d.error = None;
+        put_delivery(&mut batch, &d, Some(before));
+        batch.insert(due_key(&d.subscription_id, now_ms, &d.id).as_slice(), EMPTY);
+        self.tree.apply_batch(batch)?;
+        Ok(Some(Ok(d)))
+    }
+
+    /// The `failed` deliveries of a subscription created at or after `since_ms`, oldest first.
+    pub fn failed_since(&self, sub: &Uuid, since_ms: u64) -> Result<Vec<Uuid>, StoreError> {
+        let mut prefix = vec![BY_SUB_STATUS];
+        prefix.extend_from_slice(sub.as_bytes());
+        prefix.push(status_byte(DeliveryStatus::Failed));
+        let mut start = prefix.clone();
+        start.extend_from_slice(&uuid_floor(since_ms));
+        let mut out = Vec::new();
+        for r in self.tree.range(start..) {
+            let (k, _) = r?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(uuid_at(&k, k.len() - 16));
+        }
+        Ok(out)
+    }
+
+    /// Removes ended deliveries of `status` that ended before `cutoff_ms`, at most `max` of them,
+    /// with their index keys, and each event whose last delivery goes. Returns how many went.
+    pub fn purge_ended(
+        &self,
+        status: DeliveryStatus,
+        cutoff_ms: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let prefix = [BY_STATUS, status_byte(status)];
+        let mut batch = sled::Batch::default();
+        let mut purged = 0;
+        let mut events: Vec<Uuid> = Vec::new();
+        // Oldest first: a delivery created after the cutoff cannot have ended before it.
+        for r in self.tree.scan_prefix(prefix) {
+            let (k, _) = r?;
+            let did = uuid_at(&k, 2);
+            let Some(d) = self.delivery(&did)? else {
+                batch.remove(k);
+                continue;
+            };
+            if d.created_at >= cutoff_ms || purged >= max {
+                break;
+            }
+            if d.ended_at.is_none_or(|t| t >= cutoff_ms) {
+                continue;
+            }
+            batch.remove(key(DELIVERY, &d.id).as_slice());
+            for k in index_keys(&d) {
+                batch.remove(k);
+            }
+            if !events.contains(&d.event_id) {
+                events.push(d.event_id);
+            }
+            purged += 1;
+        }
+        self.tree.apply_batch(batch)?;
+        // An event goes with its last delivery (an event that matched nothing has none and is
+        // kept only as long as the longer retention allows, see `purge_events_without_deliveries`).
+        let mut batch = sled::Batch::default();
+        for e in events {
+            let mut p = vec![BY_EVENT];
+            p.extend_from_slice(e.as_bytes());
+            if self.tree.scan_prefix(&p).next().is_none() {
+                batch.remove(key(EVENT, &e).as_slice());
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(purged)
+    }
+
+    /// Removes events received before `cutoff_ms` that have no delivery (they matched no
+    /// subscription), at most `max`. Returns how many went.
+    pub fn purge_events_without_deliveries(
+        &self,
+        cutoff_ms: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        let end = key(EVENT, &Uuid::from_bytes(uuid_floor(cutoff_ms)));
+        for r in self.tree.range([EVENT].to_vec()..end.to_vec()) {
+            let (k, _) = r?;
+            let mut p = vec![BY_EVENT];
+            p.extend_from_slice(&k[1..17]);
+            if self.tree.scan_prefix(&p).next().is_none() {
+                batch.remove(k);
+                n += 1;
+                if n >= max {
+                    break;
+                }
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// How many deliveries are pending (start-up value of the pending gauge).
+    pub fn count_pending(&self) -> usize {
+        self.tree
+            .scan_prefix([BY_STATUS, status_byte(DeliveryStatus::Pending)])
+            .keys()
+            .count()
     }
 
     /// Start-up recovery: every attempt that was in flight when the process stopped is due again

@@ -243,6 +243,7 @@ impl Index {
 /// All subscriptions, their limit, and the matcher.
 pub struct Registry {
     store: Store,
+    metrics: Arc<crate::ops::metrics::Metrics>,
     guard: Arc<Guard>,
     policies: Policies,
     max_active: usize,
@@ -260,6 +261,7 @@ impl Registry {
         guard: Arc<Guard>,
         policies: Policies,
         max_active: usize,
+        metrics: Arc<crate::ops::metrics::Metrics>,
     ) -> Result<Registry, StoreError> {
         let subs = store
             .subscriptions()?
@@ -268,6 +270,7 @@ impl Registry {
             .collect();
         Ok(Registry {
             store,
+            metrics,
             guard,
             policies,
             max_active,
@@ -516,8 +519,10 @@ impl Registry {
         // after its cleanup.
         self.publish(None, Some(*id));
         drop(self.intake_gate.write().await);
-        self.store
+        let ended = self
+            .store
             .delete_subscription(id, "subscription deleted", now_ms())?;
+        self.metrics.pending_changed(-(ended as i64));
         self.store.flush().await?;
         Ok(())
     }

@@ -1,0 +1,5 @@
+//! Operations: metrics, the live stream of attempts, and retention of the delivery log.
+
+pub mod metrics;
+pub mod retention;
+pub mod stream;
