@@ -66,12 +66,15 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
+/// The filters shared by the listing and the stream: status, subscription, event name.
+pub type Filters = (Option<StatusFilter>, Option<Uuid>, Option<String>);
+
 /// Parses the filters shared by the listing and the stream.
 pub fn parse_filters(
     status: Option<&str>,
     subscription: Option<&str>,
     event: Option<&str>,
-) -> Result<(Option<StatusFilter>, Option<Uuid>, Option<String>), ApiError> {
+) -> Result<Filters, ApiError> {
     let status = match status.filter(|s| !s.is_empty()) {
         None => None,
         Some("pending") => Some(StatusFilter::Pending),
