@@ -1,0 +1,475 @@
+//! Operators' view through the real server: the delivery log with filters and pagination,
+//! redelivery and recovery, the live stream, metrics, retention, health and what the logs show.
+
+mod common;
+
+use common::{Receiver, TestServer, wait_for, wait_for_async};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Every page of a listing, following `next_cursor`.
+async fn all_pages(server: &TestServer, query: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/deliveries?limit=3&{query}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (code, page) = server.get(&path).await;
+        assert_eq!(code, 200, "{page}");
+        let items = page["deliveries"].as_array().unwrap();
+        assert!(items.len() <= 3);
+        out.extend(items.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+async fn wait_ended(server: &TestServer, n: usize) {
+    wait_for_async(&format!("{n} ended deliveries"), WAIT, || async {
+        let (_, d) = server.get("/v1/deliveries?limit=1000").await;
+        let items = d["deliveries"].as_array().unwrap().clone();
+        (items.len() == n
+            && items
+                .iter()
+                .all(|d| d["status"] == "delivered" || d["status"] == "failed"))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_log_filters_and_pages_newest_first() {
+    let server = TestServer::start("").await;
+    let ok = Receiver::start(200).await;
+    let bad = Receiver::start(500).await;
+    let a = server
+        .subscribe(json!({"url": ok.url("/"), "events": ["add_lead", "update_lead"], "name": "ok"}))
+        .await;
+    let b = server
+        .subscribe(json!({"url": bad.url("/"), "events": ["add_lead"], "retry": "once"}))
+        .await;
+    let (a, b) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    for i in 0..4 {
+        server
+            .emit(json!({"event": "add_lead", "data": {"id": i}}))
+            .await;
+    }
+    let mid = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    // Make sure the later events are created in a later millisecond than `mid`.
+    let t = Instant::now();
+    wait_for("a new millisecond", WAIT, || {
+        (t.elapsed() >= Duration::from_millis(2)).then_some(())
+    })
+    .await;
+    for i in 4..7 {
+        server
+            .emit(json!({"event": "update_lead", "data": {"id": i}}))
+            .await;
+    }
+    wait_ended(&server, 4 * 2 + 3).await;
+
+    let all = all_pages(&server, "").await;
+    assert_eq!(all.len(), 11);
+    let ids: Vec<&str> = all.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let unique: HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), 11, "no record twice across pages");
+    let mut sorted = ids.clone();
+    sorted.sort_unstable_by(|x, y| y.cmp(x));
+    assert_eq!(ids, sorted, "newest first");
+
+    let failed = all_pages(&server, "status=failed").await;
+    assert_eq!(failed.len(), 4);
+    assert!(
+        failed
+            .iter()
+            .all(|d| d["subscription_id"] == b && d["status"] == "failed")
+    );
+    let a_delivered = all_pages(&server, &format!("subscription={a}&status=delivered")).await;
+    assert_eq!(a_delivered.len(), 7);
+    let b_all = all_pages(&server, &format!("subscription={b}")).await;
+    assert_eq!(b_all.len(), 4);
+    let updates = all_pages(&server, "event=update_lead").await;
+    assert_eq!(updates.len(), 3);
+    assert!(
+        updates
+            .iter()
+            .all(|d| d["event"] == "update_lead" && d["subscription_id"] == a)
+    );
+    let since = all_pages(&server, &format!("since={mid}")).await;
+    assert_eq!(since.len(), 3, "{since:?}");
+    let none = all_pages(&server, &format!("subscription={b}&event=update_lead")).await;
+    assert!(none.is_empty());
+    let (code, body) = server.get("/v1/deliveries?status=lost").await;
+    assert_eq!(code, 400, "{body}");
+}
+
+#[tokio::test]
+async fn redeliver_and_recover_schedule_attempts_that_arrive() {
+    let server = TestServer::start("").await;
+    let rx = Receiver::scripted(vec![500, 500, 500], 200).await;
+    let sub = server
+        .subscribe(json!({"url": rx.url("/"), "events": ["add_lead"], "retry": "once"}))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap();
+    for i in 0..3 {
+        server
+            .emit(json!({"event": "add_lead", "data": {"id": i}}))
+            .await;
+    }
+    wait_ended(&server, 3).await;
+    let failed = all_pages(&server, "status=failed").await;
+    assert_eq!(failed.len(), 3);
+
+    let first = failed[2]["id"].as_str().unwrap().to_string();
+    let (code, d) = server
+        .post(&format!("/v1/deliveries/{first}/redeliver"), &json!({}))
+        .await;
+    assert_eq!(code, 202, "{d}");
+    assert_eq!(d["status"], "pending");
+    let d = server.wait_delivery_status(&first, "delivered", WAIT).await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(rx.count(), 4);
+
+    let (code, r) = server
+        .post(
+            &format!("/v1/subscriptions/{sub_id}/recover"),
+            &json!({"since": "2000-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["scheduled"], 2);
+    rx.wait_requests(6, WAIT).await;
+    wait_for_async("all delivered", WAIT, || async {
+        let d = all_pages(&server, "status=delivered").await;
+        (d.len() == 3).then_some(())
+    })
+    .await;
+
+    // Nothing failed is left to recover; bad input is refused.
+    let (code, r) = server
+        .post(
+            &format!("/v1/subscriptions/{sub_id}/recover"),
+            &json!({"since": "2000-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!((code, r["scheduled"].clone()), (200, json!(0)));
+    let (code, _) = server
+        .post(
+            &format!("/v1/subscriptions/{sub_id}/recover"),
+            &json!({"since": "yesterday"}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    let (code, _) = server
+        .post(
+            "/v1/deliveries/00000000-0000-0000-0000-000000000000/redeliver",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(code, 404);
+}
+
+#[tokio::test]
+async fn the_stream_shows_each_attempt_as_it_happens() {
+    let policy = "[retry.policies.quick]\nsteps = [ { after = \"50ms\" } ]\n";
+    let server = TestServer::start(policy).await;
+    let rx = Receiver::scripted(vec![503], 200).await;
+    let sub = server
+        .subscribe(json!({"url": rx.url("/secret/path?key=k"), "events": ["add_lead"], "retry": "quick", "name": "crm"}))
+        .await;
+    let other = Receiver::start(200).await;
+    server
+        .subscribe(json!({"url": other.url("/"), "events": ["update_lead"]}))
+        .await;
+    let resp = server
+        .http
+        .get(server.url(&format!(
+            "/v1/deliveries/stream?subscription={}",
+            sub["id"].as_str().unwrap()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    server
+        .emit(json!({"event": "update_lead", "data": {"id": 1}}))
+        .await;
+    server
+        .emit(json!({"event": "add_lead", "data": {"id": 2}}))
+        .await;
+
+    let mut buf = String::new();
+    let mut events: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while events.len() < 4 {
+        let chunk = tokio::time::timeout_at(deadline.into(), body.next())
+            .await
+            .expect("stream events within the deadline")
+            .expect("stream open")
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push(serde_json::from_str(data).unwrap());
+            }
+        }
+    }
+    let outcomes: Vec<&str> = events
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["in_flight", "retrying", "in_flight", "delivered"]
+    );
+    let retry = &events[1];
+    assert_eq!(retry["code"], 503);
+    assert_eq!(retry["attempt"], 1);
+    assert_eq!(retry["max_attempts"], 2);
+    assert_eq!(retry["subscription_name"], "crm");
+    assert_eq!(retry["host"], "127.0.0.1");
+    assert_eq!(retry["event"], "add_lead");
+    assert!(retry["next_attempt_at"].is_string());
+    assert!(retry["duration_ms"].is_u64());
+    humantime::parse_rfc3339(retry["at"].as_str().unwrap()).unwrap();
+    let done = &events[3];
+    assert_eq!(
+        (done["attempt"].clone(), done["code"].clone()),
+        (json!(2), json!(200))
+    );
+    assert_eq!(done["delivery_id"], retry["delivery_id"]);
+    // Only the filtered subscription, and nothing of the URL beyond its host.
+    assert!(events.iter().all(|e| e["subscription_id"] == sub["id"]));
+    assert!(!serde_json::to_string(&events).unwrap().contains("secret"));
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no metric {line_start} in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_move_after_deliveries() {
+    let server = TestServer::start("").await;
+    let ok = Receiver::start(200).await;
+    let bad = Receiver::start(404).await;
+    server
+        .subscribe(json!({"url": ok.url("/"), "events": ["add_lead"]}))
+        .await;
+    server
+        .subscribe(json!({"url": bad.url("/"), "events": ["add_lead"], "retry": "once"}))
+        .await;
+    server
+        .subscribe(json!({"url": ok.url("/held"), "events": ["add_lead"], "enabled": false}))
+        .await;
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&text, "dispatcher_events_accepted_total"), 0.0);
+    assert_eq!(metric(&text, "dispatcher_subscriptions_active"), 2.0);
+    for i in 0..3 {
+        server
+            .emit(json!({"event": "add_lead", "data": {"id": i}}))
+            .await;
+    }
+    ok.wait_requests(3, WAIT).await;
+    bad.wait_requests(3, WAIT).await;
+    let text = wait_for_async("the attempts to be counted", WAIT, || async {
+        let text = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text.contains(r#"dispatcher_attempts_total{outcome="failed",code_class="4xx"} 3"#)
+            && text
+                .contains(r#"dispatcher_attempts_total{outcome="delivered",code_class="2xx"} 3"#))
+        .then_some(text)
+    })
+    .await;
+    assert_eq!(metric(&text, "dispatcher_events_accepted_total"), 3.0);
+    assert_eq!(
+        metric(&text, "dispatcher_attempt_duration_seconds_count"),
+        6.0
+    );
+    // The held subscription's three deliveries wait.
+    assert_eq!(metric(&text, "dispatcher_deliveries_pending"), 3.0);
+    assert_eq!(metric(&text, "dispatcher_intake_backlog"), 0.0);
+    assert!(metric(&text, "dispatcher_scheduler_lag_seconds") < 1.0);
+    assert!(text.contains("# TYPE dispatcher_attempt_duration_seconds histogram"));
+}
+
+#[tokio::test]
+async fn retention_purges_ended_deliveries_and_keeps_pending_ones() {
+    let server = TestServer::start("[retention]\ndelivered = \"200ms\"\nfailed = \"1h\"\n").await;
+    let ok = Receiver::start(200).await;
+    let bad = Receiver::start(500).await;
+    server
+        .subscribe(json!({"url": ok.url("/"), "events": ["add_lead"]}))
+        .await;
+    server
+        .subscribe(json!({"url": bad.url("/"), "events": ["add_lead"], "retry": "once"}))
+        .await;
+    server
+        .subscribe(json!({"url": ok.url("/held"), "events": ["add_lead"], "enabled": false}))
+        .await;
+    server
+        .emit(json!({"event": "add_lead", "data": {"id": 1}}))
+        .await;
+    let delivered = ok.wait_requests(1, WAIT).await[0].header("webhook-id");
+    let failed = bad.wait_requests(1, WAIT).await[0].header("webhook-id");
+    server.wait_delivery_status(&failed, "failed", WAIT).await;
+    wait_for_async("the delivered record to be purged", WAIT, || async {
+        let (code, _) = server.get(&format!("/v1/deliveries/{delivered}")).await;
+        (code == 404).then_some(())
+    })
+    .await;
+    let (_, list) = server.get("/v1/deliveries").await;
+    let statuses: Vec<&str> = list["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_str().unwrap())
+        .collect();
+    let mut statuses = statuses;
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["failed", "pending"]);
+    assert_eq!(server.delivery(&failed).await["status"], "failed");
+}
+
+#[tokio::test]
+async fn healthz_reports_storage_writable() {
+    let server = TestServer::start("").await;
+    let (code, body) = server.get("/healthz").await;
+    assert_eq!(code, 200);
+    assert_eq!(body, json!({"status": "ok", "storage": "writable"}));
+}
+
+/// The real binary with JSON logs: one line per attempt, with the destination's host only.
+#[tokio::test]
+async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\n[log]\nformat = \"json\"\n",
+            dir.path().join("db.sled").display().to_string()
+        ),
+    )
+    .unwrap();
+    let rx = Receiver::scripted(vec![500], 200).await;
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = lines.recv_timeout(WAIT).unwrap();
+    let base = format!("http://{}", addr.strip_prefix("listening on ").unwrap());
+    let http = reqwest::Client::new();
+    let sub: Value = http
+        .post(format!("{base}/v1/subscriptions"))
+        .body(
+            json!({
+                "url": rx.url("/hooks/PATHKEY123?api_key=QUERYKEY456"),
+                "events": ["add_lead"],
+                "headers": {"Authorization": "Bearer HEADERSECRET789"},
+                "retry": "once",
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = sub["secret"].as_str().unwrap().to_string();
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .body(json!({"event": "add_lead", "data": {"id": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let got = rx.wait_requests(1, WAIT).await;
+    assert_eq!(got[0].header("authorization"), "Bearer HEADERSECRET789");
+    let attempt = wait_for("the attempt's log line", WAIT, || {
+        let log = std::fs::read_to_string(&stderr_path).ok()?;
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "attempt")
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
+    assert!(status.success());
+
+    assert_eq!(attempt["host"], "127.0.0.1");
+    assert_eq!(attempt["event"], "add_lead");
+    assert_eq!(attempt["attempt"], 1);
+    assert_eq!(attempt["code"], 500);
+    assert_eq!(attempt["outcome"], "failed");
+    assert_eq!(attempt["subscription"], sub["id"]);
+    assert!(attempt["delivery"].is_string() && attempt["duration_ms"].is_u64());
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains(r#""message":"attempt""#))
+            .count(),
+        1
+    );
+    for leaked in [
+        "PATHKEY123",
+        "QUERYKEY456",
+        "HEADERSECRET789",
+        &secret,
+        "/hooks",
+    ] {
+        assert!(
+            !log.contains(leaked),
+            "{leaked} appears in the logs:\n{log}"
+        );
+    }
+}
