@@ -7,7 +7,7 @@
 use crate::delivery::Engine;
 use crate::event::{Event, EventError};
 use crate::ops::metrics::Metrics;
-use crate::store::{Delivery, DeliveryStatus, Store, StoreError, StoredEvent};
+use crate::store::{Delivery, DeliveryStatus, IdempotencyRecord, Store, StoreError, StoredEvent};
 use crate::subscription::{Registry, now_ms};
 use serde::Serialize;
 use serde_json::Value;
@@ -34,6 +34,8 @@ pub enum IntakeError {
     EmptyBatch,
     #[error("a batch holds {got} events; at most {max} are allowed (limits.max_batch)")]
     BatchTooLarge { got: usize, max: usize },
+    #[error("the event is {size} bytes; at most {max} are allowed (server.max_body)")]
+    EventTooLarge { size: usize, max: usize },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
     #[error(
@@ -51,7 +53,12 @@ pub struct Intake {
     max_batch: usize,
     closed: AtomicBool,
     metrics: Arc<Metrics>,
+    idempotency: std::sync::Mutex<()>,
+    max_event: usize,
 }
+
+/// How long an event's idempotency key is remembered (SPEC §4).
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Events received and not yet durable above which intake answers 503: past this, clients should
 /// back off rather than queue more memory in the daemon.
@@ -75,6 +82,7 @@ impl Intake {
         registry: Arc<Registry>,
         engine: Arc<Engine>,
         max_batch: usize,
+        max_event: usize,
         metrics: Arc<Metrics>,
     ) -> Intake {
         Intake {
@@ -84,7 +92,23 @@ impl Intake {
             max_batch,
             closed: AtomicBool::new(false),
             metrics,
+            idempotency: std::sync::Mutex::new(()),
+            max_event,
         }
+    }
+
+    /// An event handed over in-process is held to the size one HTTP request may have.
+    fn check_size(&self, event: &Value) -> Result<(), IntakeError> {
+        let size = serde_json::to_vec(event)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > self.max_event {
+            return Err(IntakeError::EventTooLarge {
+                size,
+                max: self.max_event,
+            });
+        }
+        Ok(())
     }
 
     /// Refuses every later event (shutdown).
@@ -156,9 +180,32 @@ impl Intake {
         let mut items = Vec::with_capacity(events.len());
         let mut receipts = Vec::with_capacity(events.len());
         let mut touched: Vec<Uuid> = Vec::new();
+        let mut created = 0usize;
         {
             let _gate = self.registry.intake_gate().await;
+            // Events with an idempotency key check and record it under one lock, so that two
+            // requests with the same key cannot both create deliveries.
+            let _keys = events
+                .iter()
+                .any(|e| e.client_id.is_some())
+                .then(|| self.idempotency.lock().expect("idempotency lock poisoned"));
+            let mut keys: Vec<(String, IdempotencyRecord)> = Vec::new();
             for event in &events {
+                if let Some(k) = &event.client_id {
+                    let earlier = match keys.iter().find(|(seen, _)| seen == k) {
+                        Some((_, rec)) => Some(*rec),
+                        None => self.store.idempotency(k)?.filter(|r| {
+                            now.saturating_sub(r.at) < IDEMPOTENCY_WINDOW.as_millis() as u64
+                        }),
+                    };
+                    if let Some(rec) = earlier {
+                        receipts.push(Receipt {
+                            id: rec.event_id,
+                            deliveries: rec.deliveries,
+                        });
+                        continue;
+                    }
+                }
                 let event_id = Uuid::now_v7();
                 let subs = self.registry.matching(event);
                 let name = event.name.to_string();
@@ -186,10 +233,21 @@ impl Intake {
                         d
                     })
                     .collect();
+                created += deliveries.len();
                 receipts.push(Receipt {
                     id: event_id,
                     deliveries: deliveries.len(),
                 });
+                if let Some(k) = &event.client_id {
+                    keys.push((
+                        k.clone(),
+                        IdempotencyRecord {
+                            event_id,
+                            deliveries: deliveries.len(),
+                            at: now,
+                        },
+                    ));
+                }
                 items.push((
                     StoredEvent {
                         id: event_id,
@@ -199,11 +257,11 @@ impl Intake {
                     deliveries,
                 ));
             }
-            self.store.accept(&items)?;
+            self.store.accept(&items, &keys)?;
         }
+        // Also when every event was a repeat: the first request may not be flushed yet.
         self.store.flush().await?;
-        let created: usize = receipts.iter().map(|r| r.deliveries).sum();
-        self.metrics.events_accepted(receipts.len(), created);
+        self.metrics.events_accepted(items.len(), created);
         for id in &touched {
             self.engine.wake(id);
         }
@@ -229,6 +287,7 @@ impl Emitter {
     /// Emits one event (`{"event", "data", "id"?, "account"?}`); the receipt comes once the event
     /// and its deliveries are on disk.
     pub async fn emit(&self, event: Value) -> Result<Receipt, IntakeError> {
+        self.intake.check_size(&event)?;
         let event = Event::from_value(event)?;
         let mut receipts = self.intake.accept(vec![event]).await?;
         Ok(receipts.pop().expect("one receipt per event"))
@@ -236,6 +295,9 @@ impl Emitter {
 
     /// Emits several events atomically: all are stored, or none.
     pub async fn emit_batch(&self, events: Vec<Value>) -> Result<Vec<Receipt>, IntakeError> {
+        for e in &events {
+            self.intake.check_size(e)?;
+        }
         let events = self
             .intake
             .parse_body(serde_json::json!({ "events": events }))?;

@@ -91,7 +91,10 @@ impl Dispatcher {
         }
         let metrics = Arc::new(ops::metrics::Metrics::new());
         let stream = ops::stream::AttemptStream::default();
-        let guard = Arc::new(Guard::new(config.delivery.allow_private.clone()));
+        let guard = Arc::new(
+            Guard::new(config.delivery.allow_private.clone())
+                .proxied(config.delivery.proxy.is_some()),
+        );
         let registry = Arc::new(Registry::load(
             store.clone(),
             guard.clone(),
@@ -133,6 +136,7 @@ impl Dispatcher {
             registry.clone(),
             engine.clone(),
             config.limits.max_batch,
+            config.server.max_body as usize,
             metrics.clone(),
         ));
         let stop = tokio_util::sync::CancellationToken::new();

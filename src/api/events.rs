@@ -18,7 +18,7 @@ impl From<IntakeError> for ApiError {
             IntakeError::Invalid(_)
             | IntakeError::InvalidInBatch { .. }
             | IntakeError::EmptyBatch => ApiError::bad_request(e.to_string()),
-            IntakeError::BatchTooLarge { .. } => {
+            IntakeError::BatchTooLarge { .. } | IntakeError::EventTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
             IntakeError::ShuttingDown | IntakeError::Overloaded(_) => {

@@ -73,10 +73,7 @@ pub async fn send(
         duration: started.elapsed(),
         retry_after: None,
     };
-    // The resolver is not consulted for literal addresses, so check those here.
-    if let Some(ip) = Guard::literal_ip(req.url)
-        && let Err(e) = guard.check_ip(ip)
-    {
+    if let Err(e) = guard.check_before_request(req.url).await {
         return no_answer(e.to_string(), started);
     }
     let timestamp = std::time::SystemTime::now()

@@ -23,6 +23,9 @@ pub enum GuardError {
 #[derive(Debug, Clone, Default)]
 pub struct Guard {
     allow: Vec<IpNet>,
+    /// With an egress proxy the proxy resolves names, so the guard resolves and checks them
+    /// itself before each request.
+    proxied: bool,
 }
 
 fn v4_forbidden(ip: Ipv4Addr) -> bool {
@@ -68,7 +71,43 @@ pub fn is_restricted(ip: IpAddr) -> bool {
 
 impl Guard {
     pub fn new(allow: Vec<IpNet>) -> Guard {
-        Guard { allow }
+        Guard {
+            allow,
+            proxied: false,
+        }
+    }
+
+    /// A guard for attempts sent through an egress proxy.
+    pub fn proxied(mut self, proxied: bool) -> Guard {
+        self.proxied = proxied;
+        self
+    }
+
+    /// Checks a destination just before a request: literal addresses always (the resolver is
+    /// not asked for them), names too when a proxy would resolve them instead of our resolver.
+    /// Unlike [`Guard::check_url`], a name that does not resolve is refused.
+    pub async fn check_before_request(&self, url: &url::Url) -> Result<(), GuardError> {
+        if let Some(ip) = Guard::literal_ip(url) {
+            return self.check_ip(ip);
+        }
+        if !self.proxied {
+            return Ok(());
+        }
+        let Some(url::Host::Domain(name)) = url.host() else {
+            return Ok(());
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addrs =
+            tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| GuardError::Resolve {
+                    host: name.to_string(),
+                    message: e.to_string(),
+                })?;
+        for a in addrs {
+            self.check_ip(a.ip())?;
+        }
+        Ok(())
     }
 
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), GuardError> {

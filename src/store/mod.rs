@@ -15,6 +15,7 @@
 //! | `v` sub_id delivery_id | empty: by subscription |
 //! | `w` event_name 0x00 delivery_id | empty: by event name |
 //! | `g` event_id delivery_id | empty: the deliveries of an event (to purge the event with its last) |
+//! | `i` client key | [`IdempotencyRecord`]: the first receipt of an event sent with an `"id"` |
 //!
 //! The delivery-log indexes are written in the same batch as the record they index, so a listing
 //! walks an index newest first and never scans unrelated records.
@@ -28,7 +29,8 @@
 pub mod model;
 
 pub use model::{
-    Attempt, Delivery, DeliveryStatus, DisabledReason, Filter, StoredEvent, Subscription,
+    Attempt, Delivery, DeliveryStatus, DisabledReason, Filter, IdempotencyRecord, StoredEvent,
+    Subscription,
 };
 
 use std::path::Path;
@@ -46,6 +48,7 @@ const BY_SUB_STATUS: u8 = b'u';
 const BY_SUB: u8 = b'v';
 const BY_EVENT_NAME: u8 = b'w';
 const BY_EVENT: u8 = b'g';
+const IDEMPOTENCY: u8 = b'i';
 const EMPTY: &[u8] = &[];
 
 /// How many index entries one listing may walk before it answers with what it found and a cursor
@@ -331,8 +334,16 @@ impl Store {
     // ---- intake ----
 
     /// Writes events with their deliveries and due entries in one atomic batch (not yet flushed).
-    pub fn accept(&self, items: &[(StoredEvent, Vec<Delivery>)]) -> Result<(), StoreError> {
+    /// Events sent with an idempotency key record their receipt under it in the same batch.
+    pub fn accept(
+        &self,
+        items: &[(StoredEvent, Vec<Delivery>)],
+        keys: &[(String, IdempotencyRecord)],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        for (k, record) in keys {
+            batch.insert([&[IDEMPOTENCY][..], k.as_bytes()].concat(), encode(record));
+        }
         for (event, deliveries) in items {
             batch.insert(key(EVENT, &event.id).as_slice(), encode(event));
             for d in deliveries {
@@ -343,6 +354,31 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// The first receipt of an idempotency key, if one was recorded.
+    pub fn idempotency(&self, client_key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let k = [&[IDEMPOTENCY][..], client_key.as_bytes()].concat();
+        self.tree.get(&k)?.map(|v| decode(&k, &v)).transpose()
+    }
+
+    /// Forgets idempotency keys recorded before `cutoff_ms`, at most `max`.
+    pub fn purge_idempotency(&self, cutoff_ms: u64, max: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for r in self.tree.scan_prefix([IDEMPOTENCY]) {
+            let (k, v) = r?;
+            let rec: IdempotencyRecord = decode(&k, &v)?;
+            if rec.at < cutoff_ms {
+                batch.remove(k);
+                n += 1;
+                if n >= max {
+                    break;
+                }
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(n)
     }
 
     pub fn event(&self, id: &Uuid) -> Result<Option<StoredEvent>, StoreError> {

@@ -99,6 +99,14 @@ pub struct StoredEvent {
     pub event: Value,
 }
 
+/// The first receipt of an event sent with an idempotency key (`"id"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub event_id: Uuid,
+    pub deliveries: usize,
+    pub at: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
