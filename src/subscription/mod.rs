@@ -263,11 +263,20 @@ impl Registry {
         max_active: usize,
         metrics: Arc<crate::ops::metrics::Metrics>,
     ) -> Result<Registry, StoreError> {
-        let subs = store
+        let subs: HashMap<Uuid, Arc<Subscription>> = store
             .subscriptions()?
             .into_iter()
             .map(|s| (s.id, Arc::new(s)))
             .collect();
+        for s in subs.values() {
+            if policies.get(&s.retry).is_none() {
+                tracing::warn!(
+                    subscription = %s.id,
+                    retry = %s.retry,
+                    "the subscription's retry policy is no longer configured; its deliveries get one attempt until it is changed"
+                );
+            }
+        }
         Ok(Registry {
             store,
             metrics,
