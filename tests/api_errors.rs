@@ -532,6 +532,18 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
         ),
         ("url not a string", with("url", json!(5)), 422, vec!["url"]),
         (
+            "url with a host IDNA refuses",
+            with("url", json!("http://xn--/hook")),
+            422,
+            vec!["url"],
+        ),
+        (
+            "url with a space in its host",
+            with("url", json!("http://exa mple.com/hook")),
+            422,
+            vec!["url"],
+        ),
+        (
             "events empty",
             with("events", json!([])),
             422,

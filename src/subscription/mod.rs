@@ -107,14 +107,25 @@ where
 /// Checks a destination URL: absolute http(s), a host, no fragment or credentials, and the SSRF
 /// guard. Returns the normalised URL text.
 pub async fn validate_url(raw: &str, guard: &Guard) -> Result<String, SubscriptionError> {
+    let url = check_url_syntax(raw)?;
+    guard
+        .check_url(&url)
+        .await
+        .map_err(|e| invalid("url", e.to_string()))?;
+    Ok(url.to_string())
+}
+
+/// The syntax rules of a destination URL. An internationalised host is accepted and kept in its
+/// ASCII (punycode) form, as it goes on the wire; one that IDNA refuses is an error.
+pub fn check_url_syntax(raw: &str) -> Result<url::Url, SubscriptionError> {
     if raw.len() > MAX_URL_LEN {
         return Err(invalid(
             "url",
             format!("is {} characters long; at most {MAX_URL_LEN}", raw.len()),
         ));
     }
-    let url = url::Url::parse(raw)
-        .map_err(|e| invalid("url", format!("{raw:?} is not an absolute URL: {e}")))?;
+    let url =
+        url::Url::parse(raw).map_err(|e| invalid("url", format!("is not an absolute URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(
             "url",
@@ -136,11 +147,7 @@ pub async fn validate_url(raw: &str, guard: &Guard) -> Result<String, Subscripti
             "must not carry credentials (user:password@); use `headers` for authentication",
         ));
     }
-    guard
-        .check_url(&url)
-        .await
-        .map_err(|e| invalid("url", e.to_string()))?;
-    Ok(url.to_string())
+    Ok(url)
 }
 
 fn validate_events(events: &[String]) -> Result<Vec<String>, SubscriptionError> {
@@ -534,5 +541,46 @@ impl Registry {
         self.metrics.pending_changed(-(ended as i64));
         self.store.flush().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_syntax() {
+        let ok = check_url_syntax("https://пример.испытание/hook?a=1").unwrap();
+        assert_eq!(
+            ok.as_str(),
+            "https://xn--e1afmkfd.xn--80akhbyknj4f/hook?a=1"
+        );
+        assert_eq!(
+            check_url_syntax("HTTP://Example.COM:80/x")
+                .unwrap()
+                .as_str(),
+            "http://example.com/x"
+        );
+        for bad in [
+            "/relative",
+            "ftp://example.com/",
+            "https://example.com/#frag",
+            "https://alice:s3cr3t@example.com/",
+            "https://exa mple.com/",
+            "https://xn--/",
+            "https://a..b\u{0}/",
+            "mailto:a@example.com",
+        ] {
+            let err = check_url_syntax(bad).expect_err(bad).to_string();
+            assert!(err.starts_with("url: "), "{bad}: {err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(2100));
+        assert!(
+            check_url_syntax(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("2048")
+        );
     }
 }
