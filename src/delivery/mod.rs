@@ -12,6 +12,7 @@ pub mod guard;
 pub mod retry;
 pub mod signature;
 
+use crate::config::DisableConfig;
 use crate::event::Event;
 use crate::store::{Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
@@ -19,7 +20,7 @@ use attempt::{AttemptOutcome, AttemptRequest};
 use guard::Guard;
 use retry::is_success;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
@@ -34,6 +35,8 @@ pub struct EngineSettings {
     pub per_subscription: usize,
     pub max_retry_after: Duration,
     pub account: Map<String, Value>,
+    /// The disable rule: more than `threshold` failed attempts within `window`.
+    pub disable: DisableConfig,
 }
 
 struct Lane {
@@ -49,6 +52,9 @@ pub struct Engine {
     settings: EngineSettings,
     global: Arc<Semaphore>,
     lanes: Mutex<HashMap<Uuid, Lane>>,
+    /// The end times of each subscription's recent failed attempts, for the disable rule; at most
+    /// `threshold + 1` a subscription. Kept in memory: a restart starts every window afresh.
+    failures: Mutex<HashMap<Uuid, VecDeque<u64>>>,
     stop: CancellationToken,
     attempts: TaskTracker,
     lane_tasks: TaskTracker,
@@ -70,6 +76,7 @@ impl Engine {
             guard,
             settings,
             lanes: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             attempts: TaskTracker::new(),
             lane_tasks: TaskTracker::new(),
@@ -91,6 +98,10 @@ impl Engine {
             if let Some(lane) = lanes.remove(id) {
                 lane.stop.cancel();
             }
+            self.failures
+                .lock()
+                .expect("failures lock poisoned")
+                .remove(id);
             return;
         }
         if let Some(lane) = lanes.get(id) {
@@ -170,6 +181,10 @@ impl Engine {
                         p = self.global.clone().acquire_owned() => p.expect("global semaphore is never closed"),
                         _ = stop.cancelled() => return,
                     };
+                    // Disabled while this lane waited (an attempt tripped the disable rule): hold.
+                    if !self.registry.get(&id).is_some_and(|s| s.enabled) {
+                        continue;
+                    }
                     match self.store.claim(&d) {
                         Ok(true) => {
                             let engine = self.clone();
@@ -272,6 +287,9 @@ impl Engine {
                     d.ended_at = Some(ended);
                 }
             }
+            if self.trips_disable_rule(&sub.id, ended) {
+                disable = Some(DisabledReason::Failures);
+            }
         }
         if d.status == DeliveryStatus::Pending && self.registry.get(&sub.id).is_none() {
             d.status = DeliveryStatus::Failed;
@@ -300,9 +318,7 @@ impl Engine {
             next_attempt_at = ?d.next_attempt_at.map(crate::api::rfc3339),
             "attempt"
         );
-        if let Err(e) = self.store.record_attempt(&d) {
-            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
-        }
+        // Disable before the next due entry is written, so the lane cannot take it first.
         if let Some(reason) = disable
             && let Err(e) = self
                 .registry
@@ -311,9 +327,38 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
+        if let Err(e) = self.store.record_attempt(&d) {
+            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+        }
         if d.status == DeliveryStatus::Pending {
             self.wake(&sub.id);
         }
+    }
+
+    /// The disable rule (SPEC §6): notes a failed attempt that ended at `at`, the latest attempt
+    /// of the subscription, and tells whether it now has more than `threshold` failed attempts
+    /// within `window`, counting only those since it was last enabled.
+    fn trips_disable_rule(&self, id: &Uuid, at: u64) -> bool {
+        let rule = &self.settings.disable;
+        let enabled_at = self
+            .registry
+            .get(id)
+            .and_then(|s| s.enabled_at)
+            .unwrap_or(0);
+        let from = at
+            .saturating_sub(rule.window.as_millis() as u64)
+            .max(enabled_at);
+        let mut failures = self.failures.lock().expect("failures lock poisoned");
+        let times = failures.entry(*id).or_default();
+        times.push_back(at);
+        while times.front().is_some_and(|&t| t < from) {
+            times.pop_front();
+        }
+        if times.len() > rule.threshold as usize {
+            failures.remove(id);
+            return true;
+        }
+        false
     }
 
     /// The destination and the body of an attempt, encoded from the stored event in the
