@@ -349,16 +349,11 @@ impl Engine {
             .saturating_sub(rule.window.as_millis() as u64)
             .max(enabled_at);
         let mut failures = self.failures.lock().expect("failures lock poisoned");
-        let times = failures.entry(*id).or_default();
-        times.push_back(at);
-        while times.front().is_some_and(|&t| t < from) {
-            times.pop_front();
-        }
-        if times.len() > rule.threshold as usize {
+        let tripped = note_failure(failures.entry(*id).or_default(), at, from, rule.threshold);
+        if tripped {
             failures.remove(id);
-            return true;
         }
-        false
+        tripped
     }
 
     /// The destination and the body of an attempt, encoded from the stored event in the
@@ -399,10 +394,41 @@ impl Engine {
     }
 }
 
+/// Adds a failure at `at` to `times` (failure end times, oldest first), forgets those before
+/// `from`, and tells whether more than `threshold` remain.
+fn note_failure(times: &mut VecDeque<u64>, at: u64, from: u64, threshold: u32) -> bool {
+    times.push_back(at);
+    while times.front().is_some_and(|&t| t < from) {
+        times.pop_front();
+    }
+    times.len() > threshold as usize
+}
+
 fn failure_text(outcome: &AttemptOutcome, n: u32) -> String {
     let what = match (&outcome.error, outcome.code) {
         (Some(e), 0) => e.clone(),
         (_, code) => format!("HTTP {code}"),
     };
     format!("{what} on attempt {n}; the retry policy allows no further attempt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disable_rule_counts_failures_within_the_window_only() {
+        let mut times = VecDeque::new();
+        // threshold 2: the third failure within the window trips it, not the second.
+        assert!(!note_failure(&mut times, 1_000, 0, 2));
+        assert!(!note_failure(&mut times, 2_000, 0, 2));
+        assert!(note_failure(&mut times, 3_000, 0, 2));
+        // A window that starts after the first two (they aged out, or the subscription was
+        // enabled again since): only the newest counts.
+        let mut times: VecDeque<u64> = [1_000, 2_000].into();
+        assert!(!note_failure(&mut times, 9_000, 2_500, 2));
+        assert_eq!(times, VecDeque::from([9_000]));
+        // threshold 0: any failure trips it.
+        assert!(note_failure(&mut VecDeque::new(), 5, 0, 0));
+    }
 }
