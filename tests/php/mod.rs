@@ -21,11 +21,10 @@ pub fn script(name: &str) -> PathBuf {
 pub async fn run(name: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new("php");
     cmd.arg(script(name)).args(args).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
         .unwrap_or_else(|_| panic!("php {name} did not finish in 30 s"))
-        .unwrap_or_else(|e| panic!("{MISSING} ({e})"));
-    out
+        .unwrap_or_else(|e| panic!("{MISSING} ({e})"))
 }
 
 /// PHP's built-in server running `receiver.php` on a free loopback port; each request's
