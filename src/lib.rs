@@ -124,6 +124,7 @@ impl Dispatcher {
                 per_subscription: config.delivery.per_subscription,
                 max_retry_after: config.delivery.max_retry_after,
                 account,
+                disable: config.disable.clone(),
             },
             stream,
             metrics.clone(),

@@ -1,8 +1,11 @@
 //! The HTTP API (axum): one module per resource, wired here with the body limit, the token check
 //! and problem+json errors (SPEC §5).
 
+mod amocrm_v2;
+mod amocrm_v4;
 mod deliveries;
 mod events;
+mod form;
 mod ops;
 mod subscriptions;
 
@@ -233,6 +236,15 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(subscriptions::delete),
         )
         .route("/v1/subscriptions/{id}/recover", post(deliveries::recover))
+        .route("/api/v2/webhooks", get(amocrm_v2::list))
+        .route("/api/v2/webhooks/subscribe", post(amocrm_v2::subscribe))
+        .route("/api/v2/webhooks/unsubscribe", post(amocrm_v2::unsubscribe))
+        .route(
+            "/api/v4/webhooks",
+            get(amocrm_v4::list)
+                .post(amocrm_v4::put)
+                .delete(amocrm_v4::delete),
+        )
         .route("/v1/deliveries", get(deliveries::list))
         .route("/v1/deliveries/stream", get(ops::stream))
         .route("/v1/deliveries/{id}", get(deliveries::show))

@@ -12,6 +12,7 @@ pub mod guard;
 pub mod retry;
 pub mod signature;
 
+use crate::config::DisableConfig;
 use crate::event::Event;
 use crate::ops::metrics::Metrics;
 use crate::ops::stream::{AttemptEvent, AttemptStream, Outcome};
@@ -21,7 +22,7 @@ use attempt::{AttemptOutcome, AttemptRequest};
 use guard::Guard;
 use retry::is_success;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
@@ -36,6 +37,8 @@ pub struct EngineSettings {
     pub per_subscription: usize,
     pub max_retry_after: Duration,
     pub account: Map<String, Value>,
+    /// The disable rule: more than `threshold` failed attempts within `window`.
+    pub disable: DisableConfig,
 }
 
 struct Lane {
@@ -51,6 +54,9 @@ pub struct Engine {
     settings: EngineSettings,
     global: Arc<Semaphore>,
     lanes: Mutex<HashMap<Uuid, Lane>>,
+    /// The end times of each subscription's recent failed attempts, for the disable rule; at most
+    /// `threshold + 1` a subscription. Kept in memory: a restart starts every window afresh.
+    failures: Mutex<HashMap<Uuid, VecDeque<u64>>>,
     stop: CancellationToken,
     attempts: TaskTracker,
     lane_tasks: TaskTracker,
@@ -76,6 +82,7 @@ impl Engine {
             guard,
             settings,
             lanes: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             attempts: TaskTracker::new(),
             lane_tasks: TaskTracker::new(),
@@ -99,6 +106,10 @@ impl Engine {
             if let Some(lane) = lanes.remove(id) {
                 lane.stop.cancel();
             }
+            self.failures
+                .lock()
+                .expect("failures lock poisoned")
+                .remove(id);
             return;
         }
         if let Some(lane) = lanes.get(id) {
@@ -178,6 +189,10 @@ impl Engine {
                         p = self.global.clone().acquire_owned() => p.expect("global semaphore is never closed"),
                         _ = stop.cancelled() => return,
                     };
+                    // Disabled while this lane waited (an attempt tripped the disable rule): hold.
+                    if !self.registry.get(&id).is_some_and(|s| s.enabled) {
+                        continue;
+                    }
                     match self.store.claim(&d) {
                         Ok(true) => {
                             let engine = self.clone();
@@ -305,6 +320,9 @@ impl Engine {
                     d.ended_at = Some(ended);
                 }
             }
+            if self.trips_disable_rule(&sub.id, ended) {
+                disable = Some(DisabledReason::Failures);
+            }
         }
         if d.status == DeliveryStatus::Pending && self.registry.get(&sub.id).is_none() {
             d.status = DeliveryStatus::Failed;
@@ -350,9 +368,7 @@ impl Engine {
             outcome: outcome_kind,
             next_attempt_at,
         });
-        if let Err(e) = self.store.record_attempt(&d, before) {
-            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
-        }
+        // Disable before the next due entry is written, so the lane cannot take it first.
         if let Some(reason) = disable
             && let Err(e) = self
                 .registry
@@ -361,9 +377,33 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
+        if let Err(e) = self.store.record_attempt(&d, before) {
+            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+        }
         if d.status == DeliveryStatus::Pending {
             self.wake(&sub.id);
         }
+    }
+
+    /// The disable rule (SPEC §6): notes a failed attempt that ended at `at`, the latest attempt
+    /// of the subscription, and tells whether it now has more than `threshold` failed attempts
+    /// within `window`, counting only those since it was last enabled.
+    fn trips_disable_rule(&self, id: &Uuid, at: u64) -> bool {
+        let rule = &self.settings.disable;
+        let enabled_at = self
+            .registry
+            .get(id)
+            .and_then(|s| s.enabled_at)
+            .unwrap_or(0);
+        let from = at
+            .saturating_sub(rule.window.as_millis() as u64)
+            .max(enabled_at);
+        let mut failures = self.failures.lock().expect("failures lock poisoned");
+        let tripped = note_failure(failures.entry(*id).or_default(), at, from, rule.threshold);
+        if tripped {
+            failures.remove(id);
+        }
+        tripped
     }
 
     /// The destination and the body of an attempt, encoded from the stored event in the
@@ -461,10 +501,41 @@ pub fn host_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Adds a failure at `at` to `times` (failure end times, oldest first), forgets those before
+/// `from`, and tells whether more than `threshold` remain.
+fn note_failure(times: &mut VecDeque<u64>, at: u64, from: u64, threshold: u32) -> bool {
+    times.push_back(at);
+    while times.front().is_some_and(|&t| t < from) {
+        times.pop_front();
+    }
+    times.len() > threshold as usize
+}
+
 fn failure_text(outcome: &AttemptOutcome, n: u32) -> String {
     let what = match (&outcome.error, outcome.code) {
         (Some(e), 0) => e.clone(),
         (_, code) => format!("HTTP {code}"),
     };
     format!("{what} on attempt {n}; the retry policy allows no further attempt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disable_rule_counts_failures_within_the_window_only() {
+        let mut times = VecDeque::new();
+        // threshold 2: the third failure within the window trips it, not the second.
+        assert!(!note_failure(&mut times, 1_000, 0, 2));
+        assert!(!note_failure(&mut times, 2_000, 0, 2));
+        assert!(note_failure(&mut times, 3_000, 0, 2));
+        // A window that starts after the first two (they aged out, or the subscription was
+        // enabled again since): only the newest counts.
+        let mut times: VecDeque<u64> = [1_000, 2_000].into();
+        assert!(!note_failure(&mut times, 9_000, 2_500, 2));
+        assert_eq!(times, VecDeque::from([9_000]));
+        // threshold 0: any failure trips it.
+        assert!(note_failure(&mut VecDeque::new(), 5, 0, 0));
+    }
 }

@@ -82,6 +82,13 @@ pub struct Subscription {
     pub entity_name: Option<String>,
     #[serde(default)]
     pub field_map: Option<BTreeMap<String, String>>,
+    /// The amoCRM v4 API's `sort` (v4 lists webhooks in this order).
+    #[serde(default)]
+    pub sort: Option<i64>,
+    /// When the subscription was last enabled (created enabled, or enabled again): the disable
+    /// rule counts failed attempts from then on. `None` for records stored before it existed.
+    #[serde(default)]
+    pub enabled_at: Option<u64>,
 }
 
 impl Subscription {

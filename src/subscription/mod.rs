@@ -4,6 +4,10 @@
 //! The registry keeps every subscription in memory (there are at most a few hundred) next to an
 //! index from event name to subscriptions, rebuilt from sled at start and after every change.
 
+mod amocrm;
+
+pub use amocrm::{DestinationSettings, UrlChange};
+
 use crate::delivery::guard::Guard;
 use crate::delivery::retry::Policies;
 use crate::event::{Event, EventName, unknown_event_message};
@@ -220,6 +224,38 @@ fn new_secret() -> String {
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     )
+}
+
+/// A subscription with every default (amoCRM format and retry, enabled, a new secret), before its
+/// URL and events are set.
+fn blank_subscription() -> Subscription {
+    let now = now_ms();
+    Subscription {
+        id: Uuid::now_v7(),
+        url: String::new(),
+        events: Vec::new(),
+        name: None,
+        format: Format::Amocrm,
+        retry: "amocrm".into(),
+        filter: None,
+        headers: BTreeMap::new(),
+        timeout_ms: None,
+        enabled: true,
+        disabled_reason: None,
+        created_at: now,
+        updated_at: now,
+        secret: new_secret(),
+        entity_name: None,
+        field_map: None,
+        sort: None,
+        enabled_at: Some(now),
+    }
+}
+
+/// A URL's text as subscriptions store it (the `url` crate's serialisation), to find the
+/// subscriptions of a URL however the client wrote it; `None` when it does not parse.
+pub fn normalise_url(raw: &str) -> Option<String> {
+    url::Url::parse(raw).ok().map(|u| u.to_string())
 }
 
 pub fn now_ms() -> u64 {
@@ -449,27 +485,17 @@ impl Registry {
         if input.events.is_none() {
             return Err(invalid("events", "is required"));
         }
-        let now = now_ms();
-        let mut sub = Subscription {
-            id: Uuid::now_v7(),
-            url: String::new(),
-            events: Vec::new(),
-            name: None,
-            format: Format::Amocrm,
-            retry: "amocrm".into(),
-            filter: None,
-            headers: BTreeMap::new(),
-            timeout_ms: None,
-            enabled: true,
-            disabled_reason: None,
-            created_at: now,
-            updated_at: now,
-            secret: new_secret(),
-            entity_name: None,
-            field_map: None,
-        };
+        let mut sub = blank_subscription();
         self.apply(&mut sub, input).await?;
         let _w = self.writer.lock().await;
+        self.insert_locked(sub).await
+    }
+
+    /// Stores a new subscription; the writer lock is held.
+    async fn insert_locked(
+        &self,
+        sub: Subscription,
+    ) -> Result<Arc<Subscription>, SubscriptionError> {
         if sub.enabled {
             self.check_limit(None)?;
         }
@@ -509,15 +535,25 @@ impl Registry {
         self.replace(sub).await
     }
 
-    async fn replace(&self, mut sub: Subscription) -> Result<Arc<Subscription>, SubscriptionError> {
+    async fn replace(&self, sub: Subscription) -> Result<Arc<Subscription>, SubscriptionError> {
         let _w = self.writer.lock().await;
+        self.replace_locked(sub).await
+    }
+
+    /// Stores a changed subscription; the writer lock is held.
+    async fn replace_locked(
+        &self,
+        mut sub: Subscription,
+    ) -> Result<Arc<Subscription>, SubscriptionError> {
         let Some(current) = self.get(&sub.id) else {
             return Err(SubscriptionError::NotFound(sub.id.to_string()));
         };
+        sub.updated_at = now_ms();
         if sub.enabled && !current.enabled {
             self.check_limit(Some(sub.id))?;
+            // Enabled again: the disable rule's failure window starts afresh.
+            sub.enabled_at = Some(sub.updated_at);
         }
-        sub.updated_at = now_ms();
         self.store.put_subscription(&sub)?;
         self.store.flush().await?;
         let sub = Arc::new(sub);
@@ -528,6 +564,11 @@ impl Registry {
     /// Deletes a subscription; its waiting deliveries end as `failed` ("subscription deleted").
     pub async fn delete(&self, id: &Uuid) -> Result<(), SubscriptionError> {
         let _w = self.writer.lock().await;
+        self.delete_locked(id).await
+    }
+
+    /// Deletes a subscription; the writer lock is held.
+    async fn delete_locked(&self, id: &Uuid) -> Result<(), SubscriptionError> {
         if self.get(id).is_none() {
             return Err(SubscriptionError::NotFound(id.to_string()));
         }
