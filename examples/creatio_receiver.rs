@@ -209,10 +209,15 @@ pub async fn parse(
         _ => return Err(NO_ENTITY_NAME.to_string()),
     };
     if let Some(registered) = entities
-        && !registered.iter().any(|e| *e == entity)
+        && !registered.contains(&entity)
     {
         return Err(format!(
             "The {entity:?} object is not registered in the Webhook entities lookup"
+        ));
+    }
+    if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_array() || v.is_object()) {
+        return Err(format!(
+            "The {name:?} parameter holds a nested value; a webhook maps flat parameters to columns"
         ));
     }
     Ok((entity, fields))
@@ -224,11 +229,6 @@ fn json_fields(body: &[u8]) -> Result<Map<String, Value>, String> {
     let Value::Object(fields) = value else {
         return Err("The webhook body is not a JSON object".to_string());
     };
-    if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_array() || v.is_object()) {
-        return Err(format!(
-            "The {name:?} parameter holds a nested value; a webhook maps flat parameters to columns"
-        ));
-    }
     Ok(fields)
 }
 
