@@ -208,7 +208,7 @@ fn check_creatio(sub: &Subscription) -> Result<(), SubscriptionError> {
             return Err(invalid(
                 field,
                 format!(
-                    "applies only to the formats creatio and creatio-form, and the format is {:?}; set {field} to null to use it",
+                    "applies only to the formats creatio and creatio-form; the format is {:?}, so set {field} to null or choose a Creatio format",
                     sub.format.name()
                 ),
             ));
