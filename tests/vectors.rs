@@ -56,7 +56,9 @@ fn every_captured_vector_encodes_byte_for_byte() {
         let format = Format::parse(v["format"].as_str().unwrap()).unwrap();
         let event = Event::from_value(v["event"].clone()).unwrap();
         let payload = event.payload(&default_account);
-        let body = format.encode(&payload);
+        let body = format
+            .encode(&event, &default_account, &Default::default())
+            .unwrap();
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),
             v["expected_body"].as_str().unwrap(),

@@ -54,7 +54,8 @@ pub struct AttemptRequest<'a> {
     pub sub: &'a Subscription,
     pub url: &'a url::Url,
     pub delivery_id: Uuid,
-    pub content_type: &'static str,
+    /// From the format's encoder: `creatio-form`'s names its multipart boundary.
+    pub content_type: String,
     pub body: Bytes,
     pub timeout: Duration,
 }

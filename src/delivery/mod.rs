@@ -16,6 +16,7 @@ use crate::config::DisableConfig;
 use crate::event::Event;
 use crate::ops::metrics::Metrics;
 use crate::ops::stream::{AttemptEvent, AttemptStream, Outcome};
+use crate::payload::creatio::Mapping;
 use crate::store::{Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
 use attempt::{AttemptOutcome, AttemptRequest};
@@ -264,8 +265,8 @@ impl Engine {
                         sub: &sub,
                         url: &url,
                         delivery_id: d.id,
-                        content_type: sub.format.content_type(),
-                        body,
+                        content_type: body.content_type,
+                        body: body.bytes,
                         timeout,
                     },
                 )
@@ -406,13 +407,13 @@ impl Engine {
         tripped
     }
 
-    /// The destination and the body of an attempt, encoded from the stored event in the
-    /// subscription's current format.
+    /// The destination and the body (with its content type) of an attempt, encoded from the
+    /// stored event in the subscription's current format.
     fn prepare(
         &self,
         sub: &Subscription,
         d: &Delivery,
-    ) -> Result<(url::Url, bytes::Bytes), String> {
+    ) -> Result<(url::Url, crate::payload::Body), String> {
         let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"))?;
         let stored = self
             .store
@@ -420,7 +421,11 @@ impl Engine {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("event {} is missing from storage", d.event_id))?;
         let event = Event::from_value(stored.event).map_err(|e| format!("stored event: {e}"))?;
-        let body = sub.format.encode(&event.payload(&self.settings.account));
+        let mapping = Mapping::new(sub.entity_name.as_deref(), sub.field_map.as_ref());
+        let body = sub
+            .format
+            .encode(&event, &self.settings.account, &mapping)
+            .map_err(|e| e.to_string())?;
         Ok((url, body))
     }
 

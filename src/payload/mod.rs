@@ -1,14 +1,18 @@
-//! Payload encoders: how one event's structure becomes the body of a delivery (SPEC §7).
+//! Payload encoders: how one event becomes the body of a delivery (SPEC §7).
 //!
 //! `amocrm` is the form encoding amoCRM and PHP's `http_build_query` produce; `json` is the same
-//! structure as JSON. Each is a pure function of the payload structure built by
-//! [`crate::event::Event::payload`], so a body is encoded once per event and format.
+//! structure as JSON; both encode the payload structure built by
+//! [`crate::event::Event::payload`]. `creatio` and `creatio-form` encode the event's item as the
+//! flat record Creatio's webhook service takes ([`creatio`]). [`Format::encode`] gives the body and
+//! its content type together: the multipart boundary of `creatio-form` is part of the latter.
 
 pub mod amocrm;
+pub mod creatio;
 
+use crate::event::Event;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// The wire format of a subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -19,32 +23,122 @@ pub enum Format {
     Amocrm,
     /// The same structure as JSON (nulls kept, types as the event had them).
     Json,
+    /// The item as one flat JSON object with `EntityName`, for Creatio's webhook service.
+    Creatio,
+    /// The same fields as `multipart/form-data`.
+    #[serde(rename = "creatio-form")]
+    CreatioForm,
+}
+
+/// The body of one request and its `Content-Type`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Body {
+    pub content_type: String,
+    pub bytes: Bytes,
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl Format {
-    pub const NAMES: &'static str = "amocrm, json";
+    pub const NAMES: &'static str = "amocrm, json, creatio, creatio-form";
 
     pub fn parse(name: &str) -> Option<Format> {
         match name {
             "amocrm" => Some(Format::Amocrm),
             "json" => Some(Format::Json),
+            "creatio" => Some(Format::Creatio),
+            "creatio-form" => Some(Format::CreatioForm),
             _ => None,
         }
     }
 
-    pub fn content_type(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            Format::Amocrm => "application/x-www-form-urlencoded",
-            Format::Json => "application/json",
+            Format::Amocrm => "amocrm",
+            Format::Json => "json",
+            Format::Creatio => "creatio",
+            Format::CreatioForm => "creatio-form",
         }
     }
 
-    /// Encodes a payload structure in this format.
-    pub fn encode(self, payload: &Value) -> Bytes {
-        match self {
-            Format::Amocrm => Bytes::from(amocrm::encode(payload)),
+    /// Whether the format is one of Creatio's, which read `entity_name` and `field_map`.
+    pub fn is_creatio(self) -> bool {
+        matches!(self, Format::Creatio | Format::CreatioForm)
+    }
+
+    /// Encodes one event in this format: the body and its content type. `account` is the block
+    /// the amoCRM formats send when the event brings none; `mapping` is the subscription's
+    /// Creatio mapping (ignored by the other formats).
+    pub fn encode(
+        self,
+        event: &Event,
+        account: &Map<String, Value>,
+        mapping: &creatio::Mapping<'_>,
+    ) -> Result<Body, creatio::CreatioError> {
+        let fixed = |content_type: &str, bytes: Bytes| Body {
+            content_type: content_type.to_string(),
+            bytes,
+        };
+        Ok(match self {
+            Format::Amocrm => fixed(
+                "application/x-www-form-urlencoded",
+                Bytes::from(amocrm::encode(&event.payload(account))),
+            ),
             // Serialising a `Value` cannot fail: its keys are strings.
-            Format::Json => Bytes::from(serde_json::to_vec(payload).expect("a Value serialises")),
+            Format::Json => fixed(
+                "application/json",
+                Bytes::from(
+                    serde_json::to_vec(&event.payload(account)).expect("a Value serialises"),
+                ),
+            ),
+            Format::Creatio => fixed(
+                "application/json",
+                creatio::json(&creatio::record(event, mapping)?),
+            ),
+            Format::CreatioForm => {
+                let (content_type, bytes) = creatio::multipart(&creatio::record(event, mapping)?);
+                Body {
+                    content_type,
+                    bytes,
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_round_trip_through_parse_and_serde() {
+        for name in Format::NAMES.split(", ") {
+            let f = Format::parse(name).expect("listed names parse");
+            assert_eq!(f.name(), name);
+            assert_eq!(serde_json::to_value(f).unwrap(), json!(name));
+            assert_eq!(serde_json::from_value::<Format>(json!(name)).unwrap(), f);
         }
+        assert_eq!(Format::parse("creatio_form"), None);
+    }
+
+    #[test]
+    fn each_format_names_its_content_type() {
+        let e = Event::from_value(json!({"event": "add_lead", "data": {"id": 1, "name": "x"}}))
+            .unwrap();
+        let acc = Map::new();
+        let m = creatio::Mapping::default();
+        let ct = |f: Format| f.encode(&e, &acc, &m).unwrap().content_type;
+        assert_eq!(ct(Format::Amocrm), "application/x-www-form-urlencoded");
+        assert_eq!(ct(Format::Json), "application/json");
+        assert_eq!(ct(Format::Creatio), "application/json");
+        assert!(ct(Format::CreatioForm).starts_with("multipart/form-data; boundary="));
+        let body = Format::Creatio.encode(&e, &acc, &m).unwrap();
+        assert_eq!(&body[..], br#"{"id":1,"name":"x","EntityName":"Lead"}"#);
     }
 }

@@ -11,7 +11,7 @@ pub use amocrm::{DestinationSettings, UrlChange};
 use crate::delivery::guard::Guard;
 use crate::delivery::retry::Policies;
 use crate::event::{Event, EventName, unknown_event_message};
-use crate::payload::Format;
+use crate::payload::{Format, creatio};
 use crate::store::{DisabledReason, Filter, Store, StoreError, Subscription};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -202,6 +202,30 @@ fn validate_timeout(raw: &str) -> Result<u64, SubscriptionError> {
         return Err(invalid("timeout", "must be more than 0 and at most 60s"));
     }
     Ok(d.as_millis() as u64)
+}
+
+/// The Creatio fields against the subscription as it will be stored: they belong to the Creatio
+/// formats, and those need an object for every event.
+fn check_creatio(sub: &Subscription) -> Result<(), SubscriptionError> {
+    if sub.format.is_creatio() {
+        return creatio::check_events(&sub.events, sub.entity_name.as_deref())
+            .map_err(|m| invalid("entity_name", m));
+    }
+    for (field, set) in [
+        ("entity_name", sub.entity_name.is_some()),
+        ("field_map", sub.field_map.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                field,
+                format!(
+                    "applies only to the formats creatio and creatio-form; the format is {:?}, so set {field} to null or choose a Creatio format",
+                    sub.format.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_filter(f: &Filter) -> Result<(), SubscriptionError> {
@@ -446,11 +470,18 @@ impl Registry {
             sub.timeout_ms = t.as_deref().map(validate_timeout).transpose()?;
         }
         if let Some(e) = input.entity_name {
+            if let Some(name) = &e {
+                creatio::check_entity_name(name).map_err(|m| invalid("entity_name", m))?;
+            }
             sub.entity_name = e;
         }
         if let Some(m) = input.field_map {
+            if let Some(map) = &m {
+                creatio::check_field_map(map).map_err(|m| invalid("field_map", m))?;
+            }
             sub.field_map = m;
         }
+        check_creatio(sub)?;
         if let Some(enabled) = input.enabled
             && enabled != sub.enabled
         {
