@@ -93,9 +93,33 @@ pub fn since_value(since: &str) -> Result<String, CliError> {
     if parse_time(since).is_some() {
         return Ok(since.to_string());
     }
+    if let Some(t) = parse_offset_time(since) {
+        // The daemon reads UTC times only: send the same instant in UTC.
+        return Ok(humantime::format_rfc3339_millis(t).to_string());
+    }
     Err(CliError::Usage(format!(
         "--since {since:?} is neither an RFC 3339 time (2025-06-01T00:00:00Z) nor a duration (2h, 1day)"
     )))
+}
+
+/// An RFC 3339 time with a numeric offset (`2025-06-01T09:00:00+03:00`), which humantime does
+/// not read: the local part read as UTC, moved by the offset.
+fn parse_offset_time(s: &str) -> Option<SystemTime> {
+    let split = s.len().checked_sub(6)?;
+    let (local, offset) = (s.get(..split)?, s.get(split..)?);
+    let (sign, hhmm) = offset.split_at(1);
+    let (hh, mm) = hhmm.split_once(':')?;
+    let (hh, mm): (u64, u64) = (hh.parse().ok()?, mm.parse().ok()?);
+    if hh > 23 || mm > 59 {
+        return None;
+    }
+    let shift = Duration::from_secs(hh * 3600 + mm * 60);
+    let as_utc = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
+    match sign {
+        "+" => as_utc.checked_sub(shift),
+        "-" => as_utc.checked_add(shift),
+        _ => None,
+    }
 }
 
 /// Subscription ids to names, for readable lines; empty when the list cannot be had.
@@ -190,7 +214,7 @@ fn table(deliveries: &[Value], names: &HashMap<String, String>) -> Table {
         "EVENT",
         "SUBSCRIPTION",
     ])
-    .min_widths(vec![36, 20, 9, 8, 4, 12, 19]);
+    .min_widths(vec![36, 20, 9, 8, 4, 12, 20]);
     let now = SystemTime::now();
     for d in deliveries {
         let attempts = d.get("attempts").and_then(Value::as_array);
@@ -321,6 +345,15 @@ mod tests {
             "2025-06-01T00:00:00Z"
         );
         assert!(since_value("yesterday-ish").is_err());
+        assert_eq!(
+            since_value("2025-06-01T03:00:00+03:00").unwrap(),
+            "2025-06-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            since_value("2025-05-31T20:30:00.250-03:30").unwrap(),
+            "2025-06-01T00:00:00.250Z"
+        );
+        assert!(since_value("2025-06-01T03:00:00+25:00").is_err());
     }
 
     #[test]
@@ -345,7 +378,7 @@ mod tests {
                 && lines[1].contains("2025-06-01T10:00:00Z")
                 && lines[1].contains("  pending  ")
                 && lines[1].contains("  500  ")
-                && lines[1].ends_with("add_lead             crm-sync"),
+                && lines[1].ends_with("add_lead              crm-sync"),
             "{lines:?}"
         );
     }

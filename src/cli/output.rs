@@ -34,7 +34,8 @@ pub fn print_line(line: &str) -> Result<(), CliError> {
 
 /// A note for the person at the terminal: stderr, never mixed into the output.
 pub fn note(msg: &str) {
-    eprintln!("dispatcher: {msg}");
+    // Not eprintln!: a closed stderr must not turn a note into a panic.
+    let _ = writeln!(std::io::stderr(), "dispatcher: {msg}");
 }
 
 /// ANSI styles used by the client.

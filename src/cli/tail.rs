@@ -24,9 +24,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 #[command(after_help = "Lines look like:
-  10:42:07Z  status_lead  crm-sync  hooks.example.com  1/5  500  132ms  retrying  next in 5m
-  (time UTC, event, subscription, destination host, attempt n of max, code, latency, outcome)
-Attempts starting (in_flight) are shown with --status in_flight or --json.")]
+  13:42:03Z  status_lead  billing  api.example.org    1/5  500   132ms  retrying   next in 5m
+  (time UTC, event, subscription, destination host, attempt n of max, code, latency, outcome,
+  next attempt). Attempts starting (in_flight) are shown with --status in_flight or --json.
+When the daemon restarts, tail reconnects; what happened meanwhile is not replayed.")]
 pub struct TailArgs {
     #[command(flatten)]
     filters: FilterArgs,
@@ -97,6 +98,7 @@ async fn follow(resp: reqwest::Response, printer: &mut Printer) -> Result<String
                 return Ok("the connection closed".to_string());
             }
             Some(Err(e)) => return Ok(super::client::transport_reason(&e)),
+            // A daemon shutting down, or dropping this reader for falling behind.
             None => return Ok("the daemon closed it".to_string()),
         }
     }
