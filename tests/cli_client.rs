@@ -1235,7 +1235,7 @@ async fn errors_are_one_line_and_a_non_zero_exit() {
             "add_lead",
         ],
         vec!["deliveries", "list"],
-        vec!["deliveries", "show", "x"],
+        vec!["deliveries", "show", "0190a0a0-0000-7000-8000-000000000001"],
         vec!["tail"],
         vec!["tail", "--json"],
         vec!["emit", "add_lead", "--data", "{\"id\": 1}"],
@@ -1263,10 +1263,17 @@ async fn errors_are_one_line_and_a_non_zero_exit() {
     let server = TestServer::start("").await;
     let base = server.base.as_str();
     // The daemon's 4xx problem: its status and detail.
-    let run = cli(base, &["deliveries", "show", "nope"]).await;
+    let missing = "0190a0a0-0000-7000-8000-00000000beef";
+    let run = cli(base, &["deliveries", "show", missing]).await;
     assert_eq!(
         run.one_line_error(),
-        "dispatcher: the daemon answered 404 Not Found: no delivery with id nope"
+        format!("dispatcher: the daemon answered 404 Not Found: no delivery with id {missing}")
+    );
+    // Not an id at all: refused before it becomes part of a URL path.
+    let run = cli(base, &["deliveries", "show", "../subscriptions"]).await;
+    assert!(
+        run.one_line_error().contains("is not a delivery id"),
+        "{run}"
     );
     let run = cli(base, &["emit", "fly_lead", "--data", "{\"id\": 1}"]).await;
     let line = run.one_line_error();
@@ -1410,6 +1417,14 @@ async fn the_token_comes_from_the_flag_anywhere_or_the_environment() {
     )
     .await
     .ok();
+    // A token that cannot be a header value is a usage error, not a transport one.
+    let run = run_with(
+        &["deliveries", "list", "--server", base, "--token", "a\nb"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(run.one_line_error().contains("the token"), "{run}");
     // --help does not print the variable's value.
     let run = run_with(
         &["tail", "--help"],

@@ -27,6 +27,14 @@ pub struct Client {
 impl Client {
     pub fn new(server: &str, token: Option<&str>) -> Result<Client, CliError> {
         let base = normalize_server(server)?;
+        if let Some(t) = token
+            && reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err()
+        {
+            return Err(CliError::Usage(
+                "the token (--token or DISPATCHER_TOKEN) holds characters an HTTP header cannot carry"
+                    .into(),
+            ));
+        }
         let build = |b: reqwest::ClientBuilder| {
             b.connect_timeout(CONNECT_TIMEOUT)
                 .user_agent(concat!("dispatcher-cli/", env!("CARGO_PKG_VERSION")))

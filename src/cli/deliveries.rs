@@ -58,6 +58,7 @@ pub async fn run(client: &Client, command: DeliveriesCommand, color: bool) -> Re
     match command {
         DeliveriesCommand::List(args) => list(client, args, color).await,
         DeliveriesCommand::Show { id, json } => {
+            check_id(&id)?;
             let d = client.get(&format!("/v1/deliveries/{id}"), &[]).await?;
             if json {
                 print_line(&serde_json::to_string_pretty(&d).unwrap_or_else(|_| d.to_string()))
@@ -67,6 +68,7 @@ pub async fn run(client: &Client, command: DeliveriesCommand, color: bool) -> Re
             }
         }
         DeliveriesCommand::Redeliver { id } => {
+            check_id(&id)?;
             let d = client
                 .post(&format!("/v1/deliveries/{id}/redeliver"), String::new())
                 .await?;
@@ -79,6 +81,17 @@ pub async fn run(client: &Client, command: DeliveriesCommand, color: bool) -> Re
                 "delivery {id}: attempt {n} scheduled now (`dispatcher deliveries show {id}` shows how it went)"
             ))
         }
+    }
+}
+
+/// A delivery id is a UUID; anything else is refused here rather than pasted into a URL path.
+fn check_id(id: &str) -> Result<(), CliError> {
+    if uuid::Uuid::parse_str(id).is_ok() {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "{id:?} is not a delivery id (a UUID, as in the webhook-id header a receiver saw, or the ID column of `dispatcher deliveries list`)"
+        )))
     }
 }
 
