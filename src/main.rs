@@ -1,6 +1,10 @@
-//! The `dispatcher` command line: parses arguments and calls the library.
+//! The `dispatcher` command line: parses arguments and calls the library (`serve`,
+//! `check-config`) or the daemon's HTTP API (the client commands of [`cli`]).
 
-use clap::{Parser, Subcommand};
+mod cli;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +18,8 @@ use webhook_dispatcher::config::{Config, LogFormat};
     about = "An amoCRM-style webhook dispatcher daemon"
 )]
 struct Cli {
+    #[command(flatten)]
+    client: cli::ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,11 +37,37 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    // `serve --server …` would otherwise be silently ignored: the daemon listens where
+    // server.listen says.
+    let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let client_flags_on_daemon = || {
+        anyhow::anyhow!(
+            "--server and --token are for the client commands; the daemon takes server.listen and api.tokens from its config"
+        )
+    };
+    let result = match cli.command {
+        Command::Client(command) => match cli::run(command, cli.client) {
+            Err(e) if e.is_quiet() => Ok(()),
+            other => other.map_err(anyhow::Error::from),
+        },
+        _ if explicit("server") || explicit("token") => Err(client_flags_on_daemon()),
+        Command::CheckConfig { config } => check_config(config),
+        Command::Serve { config } => serve_command(config),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dispatcher: {e:#}");
@@ -44,20 +76,43 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::CheckConfig { config } => {
-            let config = Config::load(config.as_deref())?;
-            print!("{}", config.to_masked_toml());
-            Ok(())
-        }
-        Command::Serve { config } => {
-            let config = Config::load(config.as_deref())?;
-            init_logging(&config);
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(serve(config))
-        }
+/// A usage error as one line (`dispatcher: unrecognized subcommand 'x'`) with clap's exit code;
+/// help and version are printed as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(e.exit_code() as u8);
     }
+    let rendered = e.render().to_string();
+    // The message, then its tips and possible values; not the usage block.
+    let parts: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(|l| l.trim())
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .collect();
+    eprintln!("dispatcher: {} (see `dispatcher --help`)", parts.join("; "));
+    ExitCode::from(e.exit_code() as u8)
+}
+
+fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    print!("{}", config.to_masked_toml());
+    Ok(())
+}
+
+fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    init_logging(&config);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(serve(config))
 }
 
 fn init_logging(config: &Config) {
