@@ -107,6 +107,15 @@ async fn the_log_filters_and_pages_newest_first() {
     );
     let since = all_pages(&server, &format!("since={mid}")).await;
     assert_eq!(since.len(), 3, "{since:?}");
+    // The same instant with an offset.
+    let t = time::OffsetDateTime::parse(&mid, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .to_offset(time::UtcOffset::from_hms(3, 0, 0).unwrap())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(t.ends_with("+03:00"), "{t}");
+    let since_offset = all_pages(&server, &format!("since={}", t.replace('+', "%2B"))).await;
+    assert_eq!(since_offset, since);
     let none = all_pages(&server, &format!("subscription={b}&event=update_lead")).await;
     assert!(none.is_empty());
     let (code, body) = server.get("/v1/deliveries?status=lost").await;
@@ -254,6 +263,41 @@ async fn the_stream_shows_each_attempt_as_it_happens() {
     // Only the filtered subscription, and nothing of the URL beyond its host.
     assert!(events.iter().all(|e| e["subscription_id"] == sub["id"]));
     assert!(!serde_json::to_string(&events).unwrap().contains("secret"));
+}
+
+#[tokio::test]
+async fn an_open_stream_ends_when_the_daemon_stops() {
+    let server = TestServer::start("").await;
+    let resp = server
+        .http
+        .get(server.url("/v1/deliveries/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let dir = server.stop().await;
+    let end = tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ended");
+    // Nothing holds the storage: sled's lock is released (its threads end shortly after the last
+    // handle drops) and the same directory opens again in this process.
+    let t0 = Instant::now();
+    while let Err(e) = sled::open(dir.path().join("db.sled")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "storage still locked: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = TestServer::start_in(dir, "").await;
+    assert_eq!(again.get("/healthz").await.0, 200);
 }
 
 fn metric(text: &str, line_start: &str) -> f64 {

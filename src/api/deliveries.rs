@@ -107,13 +107,13 @@ pub fn parse_filters(
 
 /// An RFC 3339 time as milliseconds since the epoch, or a 400 naming `field`.
 pub fn parse_time(field: &str, s: &str) -> Result<u64, ApiError> {
-    humantime::parse_rfc3339_weak(s)
-        .map(|t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        })
-        .map_err(|e| ApiError::bad_request(format!("{field} {s:?} is not an RFC 3339 time: {e}")))
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "{field} {s:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
+            ))
+        })?;
+    Ok(u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
 }
 
 /// `GET /v1/deliveries`: newest first, filtered, paginated by cursor.

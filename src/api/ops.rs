@@ -86,11 +86,18 @@ pub async fn stream(
         q.event.as_deref(),
     )?;
     let rx = app.engine.stream().subscribe();
+    // A stream ends when the daemon stops, so an open connection never holds it alive.
+    let stop = app.stop.clone();
     let events = futures_util::stream::unfold(rx, move |mut rx| {
         let event = event.clone();
+        let stop = stop.clone();
         async move {
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = stop.cancelled() => return None,
+                };
+                match next {
                     Ok(e) => {
                         if !passes(&e, status, sub, event.as_deref()) {
                             continue;
