@@ -82,13 +82,6 @@ impl Dispatcher {
             let _ = std::fs::create_dir_all(parent);
         }
         let store = Store::open(&config.storage.path)?;
-        let recovered = store.recover_in_flight(subscription::now_ms())?;
-        if recovered > 0 {
-            tracing::info!(
-                recovered,
-                "attempts in flight at the last stop are due again"
-            );
-        }
         let metrics = Arc::new(ops::metrics::Metrics::new());
         let stream = ops::stream::AttemptStream::default();
         let guard = Arc::new(

@@ -162,10 +162,7 @@ pub async fn list(
             .deliveries
             .iter()
             .map(|d| {
-                let in_flight = d.status == DeliveryStatus::Pending
-                    && store
-                        .is_in_flight(&d.subscription_id, &d.id)
-                        .unwrap_or(false);
+                let in_flight = d.status == DeliveryStatus::Pending && store.is_in_flight(&d.id);
                 view(d, in_flight)
             })
             .collect();
@@ -223,11 +220,7 @@ pub async fn show(
         .delivery(&uuid)
         .map_err(ApiError::internal)?
         .ok_or_else(not_found)?;
-    let in_flight = d.status == DeliveryStatus::Pending
-        && app
-            .store
-            .is_in_flight(&d.subscription_id, &d.id)
-            .map_err(ApiError::internal)?;
+    let in_flight = d.status == DeliveryStatus::Pending && app.store.is_in_flight(&d.id);
     Ok(Json(view(&d, in_flight)))
 }
 

@@ -17,7 +17,7 @@ use crate::event::Event;
 use crate::ops::metrics::Metrics;
 use crate::ops::stream::{AttemptEvent, AttemptStream, Outcome};
 use crate::payload::creatio::Mapping;
-use crate::store::{Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
+use crate::store::{self, Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
 use attempt::{AttemptOutcome, AttemptRequest};
 use guard::Guard;
@@ -198,7 +198,7 @@ impl Engine {
                         Ok(true) => {
                             let engine = self.clone();
                             self.attempts.spawn(async move {
-                                engine.attempt(sub, d.delivery).await;
+                                engine.attempt(sub, d).await;
                                 drop((slot, permit));
                             });
                         }
@@ -213,15 +213,18 @@ impl Engine {
     }
 
     /// Runs one attempt of a claimed delivery and records its outcome.
-    async fn attempt(self: &Arc<Self>, sub: Arc<Subscription>, delivery_id: Uuid) {
+    async fn attempt(self: &Arc<Self>, sub: Arc<Subscription>, due: store::Due) {
+        let delivery_id = due.delivery;
         let mut d = match self.store.delivery(&delivery_id) {
             Ok(Some(d)) => d,
             Ok(None) => {
                 tracing::error!(delivery = %delivery_id, "claimed delivery has no record");
+                self.store.release(&delivery_id);
                 return;
             }
             Err(e) => {
                 tracing::error!(delivery = %delivery_id, error = %e, "reading a delivery failed");
+                self.store.release(&delivery_id);
                 return;
             }
         };
@@ -378,7 +381,7 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
-        if let Err(e) = self.store.record_attempt(&d, before) {
+        if let Err(e) = self.store.record_attempt(&d, before, due.due_ms) {
             tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
         }
         if d.status == DeliveryStatus::Pending {

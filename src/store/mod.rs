@@ -9,7 +9,6 @@
 //! | `e` event_id | [`StoredEvent`] (JSON) |
 //! | `d` delivery_id | [`Delivery`] (JSON) |
 //! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription) |
-//! | `f` sub_id delivery_id | empty: the delivery's attempt is in flight |
 //! | `t` status delivery_id | empty: the delivery log by status |
 //! | `u` sub_id status delivery_id | empty: by subscription and status |
 //! | `v` sub_id delivery_id | empty: by subscription |
@@ -23,8 +22,8 @@
 //! Ids are UUIDv7, so keys sort by creation time. Durability: writes land in sled's log at once and
 //! [`Store::flush`] makes them durable; concurrent callers share one fsync (group commit). Only
 //! intake waits for a flush: a lost attempt result only means the attempt is made again, because a
-//! claimed delivery keeps its `f` entry until its result is written, and start-up turns every `f`
-//! entry back into a due entry.
+//! delivery keeps its due entry while its attempt is in flight — the claim is in memory only — and
+//! the outcome replaces the entry in one batch. After a crash every claimed delivery is simply due.
 
 pub mod model;
 
@@ -33,6 +32,7 @@ pub use model::{
     Subscription,
 };
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -42,7 +42,6 @@ const SUB: u8 = b's';
 const EVENT: u8 = b'e';
 const DELIVERY: u8 = b'd';
 const DUE: u8 = b'q';
-const IN_FLIGHT: u8 = b'f';
 const BY_STATUS: u8 = b't';
 const BY_SUB_STATUS: u8 = b'u';
 const BY_SUB: u8 = b'v';
@@ -168,6 +167,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     flusher: mpsc::UnboundedSender<FlushRequest>,
+    /// Deliveries whose attempt is in flight; their due entries stay in sled until the outcome.
+    claimed: Arc<std::sync::Mutex<HashSet<Uuid>>>,
 }
 
 fn key(prefix: u8, id: &Uuid) -> [u8; 17] {
@@ -183,14 +184,6 @@ fn due_key(sub: &Uuid, due_ms: u64, delivery: &Uuid) -> [u8; 41] {
     k[1..17].copy_from_slice(sub.as_bytes());
     k[17..25].copy_from_slice(&due_ms.to_be_bytes());
     k[25..].copy_from_slice(delivery.as_bytes());
-    k
-}
-
-fn in_flight_key(sub: &Uuid, delivery: &Uuid) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = IN_FLIGHT;
-    k[1..17].copy_from_slice(sub.as_bytes());
-    k[17..].copy_from_slice(delivery.as_bytes());
     k
 }
 
@@ -257,6 +250,7 @@ impl Store {
             db,
             tree,
             flusher: tx,
+            claimed: Arc::default(),
         })
     }
 
@@ -309,8 +303,8 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.remove(key(SUB, sub).as_slice());
         let mut ended = 0;
-        for prefix in [DUE, IN_FLIGHT] {
-            let mut p = vec![prefix];
+        {
+            let mut p = vec![DUE];
             p.extend_from_slice(sub.as_bytes());
             for r in self.tree.scan_prefix(&p) {
                 let (k, _) = r?;
@@ -440,8 +434,8 @@ impl Store {
                 && (by_event || q.event.as_deref().is_none_or(|e| d.event == e))
                 && q.since_ms.is_none_or(|t| d.created_at >= t)
                 && match q.status {
-                    Some(StatusFilter::InFlight) => self.is_in_flight(&d.subscription_id, &d.id)?,
-                    Some(StatusFilter::Pending) => !self.is_in_flight(&d.subscription_id, &d.id)?,
+                    Some(StatusFilter::InFlight) => self.is_in_flight(&d.id),
+                    Some(StatusFilter::Pending) => !self.is_in_flight(&d.id),
                     _ => true,
                 };
             if keep {
@@ -455,66 +449,79 @@ impl Store {
         Ok(page)
     }
 
-    pub fn is_in_flight(&self, sub: &Uuid, delivery: &Uuid) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(in_flight_key(sub, delivery))?)
+    /// Whether an attempt of the delivery is under way.
+    pub fn is_in_flight(&self, delivery: &Uuid) -> bool {
+        self.claimed_set().contains(delivery)
+    }
+
+    fn claimed_set(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.claimed.lock().expect("claimed set lock poisoned")
     }
 
     // ---- the scheduler's index ----
 
-    /// The earliest due entry of a subscription's lane.
+    /// The earliest due entry of a subscription's lane that is not in flight.
     pub fn next_due(&self, sub: &Uuid) -> Result<Option<Due>, StoreError> {
         let mut p = [0u8; 17];
         p[0] = DUE;
         p[1..].copy_from_slice(sub.as_bytes());
-        match self.tree.scan_prefix(p).next() {
-            None => Ok(None),
-            Some(r) => {
-                let (k, _) = r?;
-                let mut ms = [0u8; 8];
-                ms.copy_from_slice(&k[17..25]);
-                Ok(Some(Due {
-                    subscription: *sub,
-                    due_ms: u64::from_be_bytes(ms),
-                    delivery: uuid_at(&k, 25),
-                }))
+        // Entries in flight keep their place at the front: at most a lane's slots are skipped.
+        for r in self.tree.scan_prefix(p) {
+            let (k, _) = r?;
+            let delivery = uuid_at(&k, 25);
+            if self.is_in_flight(&delivery) {
+                continue;
             }
+            let mut ms = [0u8; 8];
+            ms.copy_from_slice(&k[17..25]);
+            return Ok(Some(Due {
+                subscription: *sub,
+                due_ms: u64::from_be_bytes(ms),
+                delivery,
+            }));
         }
+        Ok(None)
     }
 
-    /// Moves a due entry to in flight. `false` when the entry was gone (taken by someone else).
+    /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
     pub fn claim(&self, due: &Due) -> Result<bool, StoreError> {
-        let dk = due_key(&due.subscription, due.due_ms, &due.delivery);
-        let fk = in_flight_key(&due.subscription, &due.delivery);
-        let claimed = self
-            .tree
-            .transaction(|tx| {
-                if tx.remove(dk.as_slice())?.is_none() {
-                    return Ok(false);
-                }
-                tx.insert(fk.as_slice(), EMPTY)?;
-                Ok(true)
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    StoreError::Sled(sled::Error::Unsupported("aborted".into()))
-                }
-            })?;
-        Ok(claimed)
+        let mut claimed = self.claimed_set();
+        if claimed.contains(&due.delivery)
+            || !self
+                .tree
+                .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?
+        {
+            return Ok(false);
+        }
+        claimed.insert(due.delivery);
+        Ok(true)
+    }
+
+    /// Gives a claim up without an outcome (the attempt did not run).
+    pub fn release(&self, delivery: &Uuid) {
+        self.claimed_set().remove(delivery);
     }
 
     /// Writes an attempt's outcome: the updated delivery (stored until now with status
-    /// `before`), the end of its in-flight entry, and its next due entry when another attempt
-    /// follows.
-    pub fn record_attempt(&self, d: &Delivery, before: DeliveryStatus) -> Result<(), StoreError> {
+    /// `before`), the end of the due entry it was claimed by (`claimed_due_ms`), and its next due
+    /// entry when another attempt follows; then the claim ends.
+    pub fn record_attempt(
+        &self,
+        d: &Delivery,
+        before: DeliveryStatus,
+        claimed_due_ms: u64,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         put_delivery(&mut batch, d, Some(before));
-        batch.remove(in_flight_key(&d.subscription_id, &d.id).as_slice());
+        batch.remove(due_key(&d.subscription_id, claimed_due_ms, &d.id).as_slice());
         if d.status == DeliveryStatus::Pending {
             let due = d.next_attempt_at.unwrap_or(0);
             batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
         }
-        self.tree.apply_batch(batch)?;
+        let applied = self.tree.apply_batch(batch);
+        // Released after the batch, so the lane never sees the old entry unclaimed.
+        self.release(&d.id);
+        applied?;
         Ok(())
     }
 
@@ -528,7 +535,9 @@ impl Store {
         let Some(mut d) = self.delivery(id)? else {
             return Ok(None);
         };
-        if self.is_in_flight(&d.subscription_id, &d.id)? {
+        // Held while the entry moves, so a lane cannot claim the old one meanwhile.
+        let claimed = self.claimed_set();
+        if claimed.contains(&d.id) {
             return Ok(Some(Err("an attempt of this delivery is in flight".into())));
         }
         let mut batch = sled::Batch::default();
@@ -648,23 +657,6 @@ impl Store {
             .scan_prefix([BY_STATUS, status_byte(DeliveryStatus::Pending)])
             .keys()
             .count()
-    }
-
-    /// Start-up recovery: every attempt that was in flight when the process stopped is due again
-    /// now (at-least-once). Returns how many were recovered.
-    pub fn recover_in_flight(&self, now_ms: u64) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for r in self.tree.scan_prefix([IN_FLIGHT]) {
-            let (k, _) = r?;
-            let sub = uuid_at(&k, 1);
-            let did = uuid_at(&k, 17);
-            batch.remove(k);
-            batch.insert(due_key(&sub, now_ms, &did).as_slice(), EMPTY);
-            n += 1;
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(n)
     }
 
     /// Whether storage accepts a write (for /healthz).
