@@ -122,9 +122,7 @@ impl Dispatcher {
             stream,
             metrics.clone(),
         );
-        // Counted before any lane runs, so attempts only ever move it from the true value.
-        metrics.set_pending(store.count_pending() as i64);
-        engine.start();
+        engine.start(subscription::now_ms());
         let intake = Arc::new(Intake::new(
             store.clone(),
             registry.clone(),

@@ -372,6 +372,38 @@ async fn metrics_move_after_deliveries() {
 }
 
 #[tokio::test]
+async fn the_pending_gauge_counts_what_waited_across_a_restart() {
+    let server = TestServer::start("").await;
+    let rx = Receiver::start(200).await;
+    server
+        .subscribe(json!({"url": rx.url("/held"), "events": ["add_lead"], "enabled": false}))
+        .await;
+    for i in 0..4 {
+        server
+            .emit(json!({"event": "add_lead", "data": {"id": i}}))
+            .await;
+    }
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, "").await;
+    server
+        .emit(json!({"event": "add_lead", "data": {"id": 9}}))
+        .await;
+    wait_for_async("the gauge to count 5", WAIT, || async {
+        let text = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric(&text, "dispatcher_deliveries_pending") == 5.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn retention_purges_ended_deliveries_and_keeps_pending_ones() {
     let server = TestServer::start("[retention]\ndelivered = \"200ms\"\nfailed = \"1h\"\n").await;
     let ok = Receiver::start(200).await;

@@ -63,6 +63,7 @@ pub struct Engine {
     lane_tasks: TaskTracker,
     stream: AttemptStream,
     metrics: Arc<Metrics>,
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -89,19 +90,40 @@ impl Engine {
             lane_tasks: TaskTracker::new(),
             stream,
             metrics,
+            started: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Starts a lane for every subscription.
-    pub fn start(self: &Arc<Self>) {
-        for sub in self.registry.list() {
-            self.sync_lane(&sub.id);
-        }
+    /// Counts what is pending from before `started_ms` for the gauge, then starts a lane for every
+    /// subscription. Both happen in the background: with a million deliveries waiting the count
+    /// takes seconds, and the API serves meanwhile. Lanes wait for the count, so none of the
+    /// deliveries it counts can end while it runs.
+    pub fn start(self: &Arc<Self>, started_ms: u64) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let store = engine.store.clone();
+            let pending =
+                tokio::task::spawn_blocking(move || store.count_pending_before(started_ms))
+                    .await
+                    .unwrap_or(0);
+            engine.metrics.pending_changed(pending as i64);
+            engine
+                .started
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            for sub in engine.registry.list() {
+                engine.sync_lane(&sub.id);
+            }
+        });
     }
 
     /// Brings a subscription's lane in line with the registry after a change or a new due entry:
     /// starts it, wakes it, or stops it when the subscription is gone.
     pub fn sync_lane(self: &Arc<Self>, id: &Uuid) {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            // `start` brings every lane up once it has counted.
+            return;
+        }
         let mut lanes = self.lanes.lock().expect("lanes lock poisoned");
         if self.registry.get(id).is_none() {
             if let Some(lane) = lanes.remove(id) {

@@ -124,10 +124,6 @@ impl Metrics {
         self.pending.inc_by(delta);
     }
 
-    pub fn set_pending(&self, n: i64) {
-        self.pending.set(n);
-    }
-
     pub fn backlog_changed(&self, delta: i64) {
         self.backlog.inc_by(delta);
     }

@@ -651,12 +651,12 @@ impl Store {
         Ok(n)
     }
 
-    /// How many deliveries are pending (start-up value of the pending gauge).
-    pub fn count_pending(&self) -> usize {
-        self.tree
-            .scan_prefix([BY_STATUS, status_byte(DeliveryStatus::Pending)])
-            .keys()
-            .count()
+    /// How many deliveries created before `before_ms` are pending (the start-up value of the
+    /// pending gauge: deliveries created later are counted as they are created).
+    pub fn count_pending_before(&self, before_ms: u64) -> usize {
+        let prefix = [BY_STATUS, status_byte(DeliveryStatus::Pending)];
+        let end = [&prefix[..], &uuid_floor(before_ms)].concat();
+        self.tree.range(prefix.to_vec()..end).keys().count()
     }
 
     /// Whether storage accepts a write (for /healthz).
