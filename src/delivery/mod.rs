@@ -16,6 +16,7 @@ use crate::config::DisableConfig;
 use crate::event::Event;
 use crate::ops::metrics::Metrics;
 use crate::ops::stream::{AttemptEvent, AttemptStream, Outcome};
+use crate::payload::Format;
 use crate::payload::creatio::Mapping;
 use crate::store::{self, Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
@@ -64,7 +65,12 @@ pub struct Engine {
     stream: AttemptStream,
     metrics: Arc<Metrics>,
     started: std::sync::atomic::AtomicBool,
+    /// Encoded bodies of recent events, by event and format.
+    bodies: quick_cache::sync::Cache<(Uuid, Format), crate::payload::Body>,
 }
+
+/// How many encoded bodies the engine keeps (a few MiB at most).
+const BODY_CACHE: usize = 8192;
 
 impl Engine {
     pub fn new(
@@ -91,6 +97,7 @@ impl Engine {
             stream,
             metrics,
             started: std::sync::atomic::AtomicBool::new(false),
+            bodies: quick_cache::sync::Cache::new(BODY_CACHE),
         })
     }
 
@@ -440,6 +447,14 @@ impl Engine {
         d: &Delivery,
     ) -> Result<(url::Url, crate::payload::Body), String> {
         let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"))?;
+        // The amoCRM and JSON bodies depend on the event alone: encoded once per event and format
+        // and shared by every subscription (and retry) that needs them. Creatio bodies depend on
+        // the subscription's mapping (and a form's boundary is random), so they are not kept.
+        let shared = matches!(sub.format, Format::Amocrm | Format::Json);
+        let cache_key = (d.event_id, sub.format);
+        if shared && let Some(body) = self.bodies.get(&cache_key) {
+            return Ok((url, body));
+        }
         let stored = self
             .store
             .event(&d.event_id)
@@ -451,6 +466,9 @@ impl Engine {
             .format
             .encode(&event, &self.settings.account, &mapping)
             .map_err(|e| e.to_string())?;
+        if shared {
+            self.bodies.insert(cache_key, body.clone());
+        }
         Ok((url, body))
     }
 

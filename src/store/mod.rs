@@ -80,18 +80,26 @@ fn index_keys(d: &Delivery) -> [Vec<u8>; 5] {
 /// Adds a delivery record and its index keys to a batch; `before` is the status it is stored
 /// under now (its status-dependent keys move), `None` for a new delivery.
 fn put_delivery(batch: &mut sled::Batch, d: &Delivery, before: Option<DeliveryStatus>) {
-    if let Some(old) = before
-        && old != d.status
-    {
-        let mut was = d.clone();
-        was.status = old;
-        let [by_status, by_sub_status, ..] = index_keys(&was);
-        batch.remove(by_status);
-        batch.remove(by_sub_status);
-    }
     batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
-    for k in index_keys(d) {
-        batch.insert(k, EMPTY);
+    let [by_status, by_sub_status, rest @ ..] = index_keys(d);
+    match before {
+        // A new delivery: every index.
+        None => {
+            for k in [by_status, by_sub_status].into_iter().chain(rest) {
+                batch.insert(k, EMPTY);
+            }
+        }
+        // Only the status-dependent keys move; the others stay as they are.
+        Some(old) if old != d.status => {
+            let id = d.id.as_bytes();
+            let sub = d.subscription_id.as_bytes();
+            let st = status_byte(old);
+            batch.remove([&[BY_STATUS, st][..], id].concat());
+            batch.remove([&[BY_SUB_STATUS][..], sub, &[st], id].concat());
+            batch.insert(by_status, EMPTY);
+            batch.insert(by_sub_status, EMPTY);
+        }
+        Some(_) => {}
     }
 }
 
