@@ -6,45 +6,19 @@ mod common;
 use common::{Receiver, wait_for, wait_for_async};
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Daemon {
-    child: Child,
+    child: std::process::Child,
     base: String,
 }
 
-/// Starts `dispatcher serve` and waits for its "listening on" line.
 fn start_daemon(config: &std::path::Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env_remove("DISPATCHER_SERVER_LISTEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the dispatcher binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(WAIT)
-        .expect("the daemon prints its listen address");
-    Daemon {
-        child,
-        base: format!("http://{addr}"),
-    }
+    let (child, base) = common::start_binary(config, std::process::Stdio::null());
+    Daemon { child, base }
 }
 
 /// The `id` of the first lead in an amoCRM form body.
@@ -57,15 +31,12 @@ fn lead_id(body: &str) -> Option<u64> {
 #[tokio::test]
 async fn sigkill_loses_no_accepted_event_and_no_waiting_retry() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dispatcher.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\n[retry.policies.later]\nsteps = [ {{ after = \"2s\" }} ]\n",
-            dir.path().join("db.sled").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = common::binary_config(
+        dir.path(),
+        "[retry.policies.later]
+steps = [ { after = \"2s\" } ]
+",
+    );
     let sink = Receiver::start(200).await;
     let flaky = Receiver::scripted(vec![500], 200).await;
     let http = reqwest::Client::new();

@@ -6,8 +6,7 @@ mod common;
 use common::{Receiver, TestServer, wait_for, wait_for_async};
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -262,38 +261,11 @@ async fn the_embedded_emitter_refuses_an_event_larger_than_max_body() {
 #[tokio::test]
 async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dispatcher.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\nper_subscription = 4\n{TOKENS}",
-            dir.path().join("db.sled").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = common::binary_config(dir.path(), &format!("per_subscription = 4\n{TOKENS}"));
     let rx = Receiver::slow(200, Duration::from_millis(200)).await;
     let stderr_path = dir.path().join("stderr.log");
-    let start = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = lines.recv_timeout(WAIT).unwrap();
-        (
-            child,
-            format!("http://{}", addr.strip_prefix("listening on ").unwrap()),
-        )
-    };
+    let start =
+        || common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
     let (mut child, base) = start();
     let http = reqwest::Client::new();
     let auth = "Bearer admin-token-0123456789";

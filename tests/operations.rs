@@ -7,8 +7,7 @@ use common::{Receiver, TestServer, wait_for, wait_for_async};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -453,33 +452,11 @@ async fn healthz_reports_storage_writable() {
 #[tokio::test]
 async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dispatcher.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\n[log]\nformat = \"json\"\n",
-            dir.path().join("db.sled").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = common::binary_config(dir.path(), "[log]\nformat = \"json\"\n");
     let rx = Receiver::scripted(vec![500], 200).await;
     let stderr_path = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = lines.recv_timeout(WAIT).unwrap();
-    let base = format!("http://{}", addr.strip_prefix("listening on ").unwrap());
+    let (mut child, base) =
+        common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
     let http = reqwest::Client::new();
     let sub: Value = http
         .post(format!("{base}/v1/subscriptions"))

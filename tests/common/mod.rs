@@ -399,3 +399,51 @@ impl TestServer {
         .await
     }
 }
+
+/// The real `dispatcher serve --config CONFIG` binary, stderr into `stderr`; returns the child and
+/// its base URL once it prints `listening on ADDR`.
+pub fn start_binary(
+    config: &std::path::Path,
+    stderr: std::process::Stdio,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("DISPATCHER_SERVER_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("the dispatcher binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the daemon prints its listen address");
+    (child, format!("http://{addr}"))
+}
+
+/// A config file for the real binary in `dir`: loopback listen on an ephemeral port, storage in
+/// `dir`, loopback receivers allowed, plus `extra` TOML.
+pub fn binary_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("dispatcher.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\n{extra}",
+            dir.join("db.sled").display().to_string()
+        ),
+    )
+    .expect("the config file is written");
+    config
+}
