@@ -2099,7 +2099,7 @@ fn targets(outcomes: &[Outcome], quick_backlog: Option<usize>) -> Vec<Target> {
         if let Some(c) = &o.conns {
             t.push(Target {
                 target: format!("connections ≤ in-flight cap: {}", o.name),
-                required: format!("≤ {} new ({})", c.cap, c.cap_text),
+                required: format!("≤ {} new (see the scenario)", c.cap),
                 measured: format!("{} new, {} open at most", c.new, c.peak_open),
                 verdict: if c.new <= c.cap {
                     Verdict::Met
