@@ -98,7 +98,7 @@ impl Dispatcher {
         let client = delivery::attempt::build_client(
             guard.clone(),
             &config.delivery.user_agent(),
-            config.delivery.per_subscription,
+            config.delivery.concurrency,
             config.delivery.proxy.as_ref(),
         )?;
         let account = event::account_block(

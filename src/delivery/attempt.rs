@@ -32,13 +32,15 @@ pub struct AttemptOutcome {
 pub fn build_client(
     guard: Arc<Guard>,
     user_agent: &str,
-    per_subscription: usize,
+    max_idle_per_host: usize,
     proxy: Option<&url::Url>,
 ) -> Result<reqwest::Client, reqwest::Error> {
     let mut b = reqwest::Client::builder()
         .user_agent(user_agent)
         .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(per_subscription.max(1))
+        // Subscriptions often share a host (a CRM's one webhook endpoint): keep as many idle
+        // connections as attempts may be in flight, so none is closed only to be opened again.
+        .pool_max_idle_per_host(max_idle_per_host.max(1))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .dns_resolver(Arc::new(GuardedResolver { guard }));

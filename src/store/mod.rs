@@ -228,7 +228,10 @@ impl Store {
             .path(path)
             // The working set is the due index and recent records; a small cache keeps RSS flat
             // however many deliveries wait on disk.
-            .cache_capacity(64 * 1024 * 1024);
+            .cache_capacity(64 * 1024 * 1024)
+            // Favours compact segments over write speed: measured, it keeps ingest RSS lower at
+            // the same throughput.
+            .mode(sled::Mode::LowSpace);
         // A process that is just exiting may still hold the lock for a moment: retry briefly.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
