@@ -338,10 +338,12 @@ impl Engine {
             match policy.and_then(|p| p.next_delay(n, outcome.code)) {
                 Some(delay) => {
                     // A Retry-After longer than the scheduled delay postpones the attempt.
-                    let delay = match outcome.retry_after {
-                        Some(ra) if ra > delay => ra.min(self.settings.max_retry_after).max(delay),
-                        _ => delay,
-                    };
+                    let delay = retry::delay_with_retry_after(
+                        delay,
+                        outcome.code,
+                        outcome.retry_after,
+                        self.settings.max_retry_after,
+                    );
                     d.status = DeliveryStatus::Pending;
                     d.next_attempt_at = Some(ended + delay.as_millis() as u64);
                     d.error = None;
