@@ -546,11 +546,7 @@ async fn unsubscribing_the_last_event_deletes_the_subscription_and_fails_its_wai
         .emit(json!({"event": "add_lead", "data": {"id": 1}}))
         .await;
     let id = rx.wait_requests(1, WAIT).await[0].header("webhook-id");
-    common::wait_for_async("the retry to be scheduled", WAIT, || async {
-        let d = server.delivery(&id).await;
-        (d["status"] == "pending" && !d["next_attempt_at"].is_null()).then_some(())
-    })
-    .await;
+    server.wait_retry_scheduled(&id, WAIT).await;
     let got = post_json(
         &server,
         "/api/v2/webhooks/unsubscribe",

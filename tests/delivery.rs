@@ -285,11 +285,8 @@ steps = [ { after = "1500ms" } ]
         .await;
     let first = rx.wait_requests(1, WAIT).await;
     let id = first[0].header("webhook-id");
-    common::wait_for_async("the retry to be scheduled", WAIT, || async {
-        let d = server.delivery(&id).await;
-        (d["status"] == "pending" && d["attempts"].as_array().unwrap().len() == 1).then_some(())
-    })
-    .await;
+    let d = server.wait_retry_scheduled(&id, WAIT).await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
     let dir = server.stop().await;
     let server = TestServer::start_in(dir, policy).await;
     let got = rx.wait_requests(2, WAIT).await;
@@ -334,11 +331,7 @@ async fn deleting_a_subscription_fails_its_waiting_deliveries_and_url_changes_ap
         .emit(json!({"event": "add_lead", "data": {"id": 1}}))
         .await;
     let id = rx.wait_requests(1, WAIT).await[0].header("webhook-id");
-    common::wait_for_async("the retry to be scheduled", WAIT, || async {
-        let d = server.delivery(&id).await;
-        (d["status"] == "pending" && !d["next_attempt_at"].is_null()).then_some(())
-    })
-    .await;
+    server.wait_retry_scheduled(&id, WAIT).await;
     let (code, body) = server
         .delete(&format!(
             "/v1/subscriptions/{}",

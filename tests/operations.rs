@@ -324,15 +324,7 @@ async fn metrics_move_after_deliveries() {
     server
         .subscribe(json!({"url": ok.url("/held"), "events": ["add_lead"], "enabled": false}))
         .await;
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     assert_eq!(metric(&text, "dispatcher_events_accepted_total"), 0.0);
     assert_eq!(metric(&text, "dispatcher_subscriptions_active"), 2.0);
     for i in 0..3 {
@@ -343,15 +335,7 @@ async fn metrics_move_after_deliveries() {
     ok.wait_requests(3, WAIT).await;
     bad.wait_requests(3, WAIT).await;
     let text = wait_for_async("the attempts to be counted", WAIT, || async {
-        let text = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = server.metrics().await;
         (text.contains(r#"dispatcher_attempts_total{outcome="failed",code_class="4xx"} 3"#)
             && text
                 .contains(r#"dispatcher_attempts_total{outcome="delivered",code_class="2xx"} 3"#))
@@ -388,15 +372,7 @@ async fn the_pending_gauge_counts_what_waited_across_a_restart() {
         .emit(json!({"event": "add_lead", "data": {"id": 9}}))
         .await;
     wait_for_async("the gauge to count 5", WAIT, || async {
-        let text = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = server.metrics().await;
         (metric(&text, "dispatcher_deliveries_pending") == 5.0).then_some(())
     })
     .await;

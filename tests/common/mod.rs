@@ -386,6 +386,24 @@ impl TestServer {
         v
     }
 
+    /// Waits until delivery `id` waits for a retry: an attempt recorded, pending, with a
+    /// `next_attempt_at`.
+    pub async fn wait_retry_scheduled(&self, id: &str, timeout: Duration) -> Value {
+        wait_for_async("the retry to be scheduled", timeout, || async {
+            let d = self.delivery(id).await;
+            let attempted = !d["attempts"].as_array().unwrap().is_empty();
+            (attempted && d["status"] == "pending" && !d["next_attempt_at"].is_null()).then_some(d)
+        })
+        .await
+    }
+
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
     /// Waits until delivery `id` has `status`, returns it.
     pub async fn wait_delivery_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
         wait_for_async(
