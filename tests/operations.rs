@@ -502,3 +502,42 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
         );
     }
 }
+
+/// A subscription deleted while an attempt is in flight: the attempt's outcome does not bring its
+/// delivery back, and the pending gauge counts it once.
+#[tokio::test]
+async fn deleting_a_subscription_during_an_attempt_ends_its_delivery_for_good() {
+    let server =
+        TestServer::start("[retry.policies.soon]\nsteps = [ { after = \"50ms\" } ]\n").await;
+    let rx = Receiver::slow(500, Duration::from_millis(400)).await;
+    let sub = server
+        .subscribe(json!({"url": rx.url("/"), "events": ["add_lead"], "retry": "soon"}))
+        .await;
+    server
+        .emit(json!({"event": "add_lead", "data": {"id": 1}}))
+        .await;
+    let id = rx.wait_requests(1, WAIT).await[0].header("webhook-id");
+    assert_eq!(server.delivery(&id).await["status"], "in_flight");
+    let (code, _) = server
+        .delete(&format!(
+            "/v1/subscriptions/{}",
+            sub["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(code, 204);
+    // The attempt ends after the delete: its 500 counts as the end of the delivery.
+    wait_for_async("the attempt to end", WAIT, || async {
+        let text = server.metrics().await;
+        text.contains(r#"dispatcher_attempts_total{outcome="failed",code_class="5xx"} 1"#)
+            .then_some(())
+    })
+    .await;
+    let d = server.delivery(&id).await;
+    assert_eq!(d["status"], "failed", "{d}");
+    assert_eq!(d["error"], "subscription deleted");
+    assert_eq!(
+        metric(&server.metrics().await, "dispatcher_deliveries_pending"),
+        0.0
+    );
+    assert_eq!(rx.count(), 1, "no retry for a deleted subscription");
+}

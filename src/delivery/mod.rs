@@ -385,9 +385,6 @@ impl Engine {
         );
         self.metrics
             .attempt(outcome_kind.as_str(), outcome.code, outcome.duration);
-        if d.status != DeliveryStatus::Pending {
-            self.metrics.pending_changed(-1);
-        }
         self.stream.publish(AttemptEvent {
             at: crate::api::rfc3339(ended),
             delivery_id: d.id,
@@ -412,8 +409,12 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
-        if let Err(e) = self.store.record_attempt(&d, before, due.due_ms) {
-            tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+        match self.store.record_attempt(&d, before, due.due_ms) {
+            Ok(true) if d.status != DeliveryStatus::Pending => self.metrics.pending_changed(-1),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+            }
         }
         if d.status == DeliveryStatus::Pending {
             self.wake(&sub.id);

@@ -515,25 +515,33 @@ impl Store {
 
     /// Writes an attempt's outcome: the updated delivery (stored until now with status
     /// `before`), the end of the due entry it was claimed by (`claimed_due_ms`), and its next due
-    /// entry when another attempt follows; then the claim ends.
+    /// entry when another attempt follows; then the claim ends. `Ok(false)` when the claimed entry
+    /// is gone — the delivery was ended meanwhile (its subscription deleted) — and nothing is
+    /// written, so a deleted subscription never gets a due entry back.
     pub fn record_attempt(
         &self,
         d: &Delivery,
         before: DeliveryStatus,
         claimed_due_ms: u64,
-    ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        put_delivery(&mut batch, d, Some(before));
-        batch.remove(due_key(&d.subscription_id, claimed_due_ms, &d.id).as_slice());
-        if d.status == DeliveryStatus::Pending {
-            let due = d.next_attempt_at.unwrap_or(0);
-            batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
-        }
-        let applied = self.tree.apply_batch(batch);
+    ) -> Result<bool, StoreError> {
+        let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
+        let result = (|| {
+            if !self.tree.contains_key(claimed.as_slice())? {
+                return Ok(false);
+            }
+            let mut batch = sled::Batch::default();
+            put_delivery(&mut batch, d, Some(before));
+            batch.remove(claimed.as_slice());
+            if d.status == DeliveryStatus::Pending {
+                let due = d.next_attempt_at.unwrap_or(0);
+                batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
+            }
+            self.tree.apply_batch(batch)?;
+            Ok(true)
+        })();
         // Released after the batch, so the lane never sees the old entry unclaimed.
         self.release(&d.id);
-        applied?;
-        Ok(())
+        result
     }
 
     /// Schedules a fresh attempt of a delivery at `now_ms`, whatever its status. `Ok(None)` when
