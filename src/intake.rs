@@ -7,7 +7,9 @@
 use crate::delivery::Engine;
 use crate::event::{Event, EventError};
 use crate::ops::metrics::Metrics;
-use crate::store::{Delivery, DeliveryStatus, IdempotencyRecord, Store, StoreError, StoredEvent};
+use crate::store::{
+    self, Delivery, DeliveryStatus, IdempotencyRecord, Store, StoreError, StoredEvent,
+};
 use crate::subscription::{Registry, now_ms};
 use serde::Serialize;
 use serde_json::Value;
@@ -206,17 +208,16 @@ impl Intake {
                         continue;
                     }
                 }
-                let event_id = Uuid::now_v7();
+                let event_id = store::new_event_id();
                 let subs = self.registry.matching(event);
                 let name = event.name.to_string();
-                let deliveries: Vec<Delivery> = subs
-                    .iter()
-                    .map(|s| {
-                        if !touched.contains(&s.id) {
-                            touched.push(s.id);
-                        }
+                for (i, s) in subs.iter().enumerate() {
+                    if !touched.contains(&s.id) {
+                        touched.push(s.id);
+                    }
+                    if !s.enabled {
                         let d = Delivery {
-                            id: Uuid::now_v7(),
+                            id: store::delivery_id(&event_id, i),
                             event_id,
                             event: name.clone(),
                             subscription_id: s.id,
@@ -227,35 +228,31 @@ impl Intake {
                             error: None,
                             attempts: Vec::new(),
                         };
-                        if !s.enabled {
-                            held.push((d.clone(), s.clone()));
-                        }
-                        d
-                    })
-                    .collect();
-                created += deliveries.len();
+                        held.push((d, s.clone()));
+                    }
+                }
+                created += subs.len();
                 receipts.push(Receipt {
                     id: event_id,
-                    deliveries: deliveries.len(),
+                    deliveries: subs.len(),
                 });
                 if let Some(k) = &event.client_id {
                     keys.push((
                         k.clone(),
                         IdempotencyRecord {
                             event_id,
-                            deliveries: deliveries.len(),
+                            deliveries: subs.len(),
                             at: now,
                         },
                     ));
                 }
-                items.push((
-                    StoredEvent {
-                        id: event_id,
-                        received_at: now,
-                        event: event.to_value(),
-                    },
-                    deliveries,
-                ));
+                items.push(StoredEvent {
+                    id: event_id,
+                    received_at: now,
+                    name,
+                    event: event.to_value(),
+                    subscriptions: subs.iter().map(|s| s.id).collect(),
+                });
             }
             self.store.accept(&items, &keys)?;
         }

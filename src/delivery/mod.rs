@@ -244,8 +244,12 @@ impl Engine {
     /// Runs one attempt of a claimed delivery and records its outcome.
     async fn attempt(self: &Arc<Self>, sub: Arc<Subscription>, due: store::Due) {
         let delivery_id = due.delivery;
-        let mut d = match self.store.delivery(&delivery_id) {
-            Ok(Some(d)) => d,
+        // The event is read with the delivery unless its body is encoded already.
+        let cached = matches!(sub.format, Format::Amocrm | Format::Json)
+            && store::event_of(&delivery_id)
+                .is_some_and(|(event, _)| self.bodies.contains_key(&(event, sub.format)));
+        let (mut d, event) = match self.store.delivery_and_event(&delivery_id, !cached) {
+            Ok(Some(found)) => found,
             Ok(None) => {
                 tracing::error!(delivery = %delivery_id, "claimed delivery has no record");
                 self.store.release(&delivery_id);
@@ -258,7 +262,6 @@ impl Engine {
             }
         };
         let n = d.attempts.len() as u32 + 1;
-        let before = d.status;
         let host = host_of(&sub.url);
         let max_attempts = self
             .registry
@@ -284,7 +287,7 @@ impl Engine {
             });
         }
         let started_at = now_ms();
-        let outcome = match self.prepare(&sub, &d) {
+        let outcome = match self.prepare(&sub, &d, event) {
             Ok((url, body)) => {
                 let timeout = sub
                     .timeout_ms
@@ -409,7 +412,7 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
-        match self.store.record_attempt(&d, before, due.due_ms) {
+        match self.store.record_attempt(&d, due.due_ms) {
             Ok(true) if d.status != DeliveryStatus::Pending => self.metrics.pending_changed(-1),
             Ok(_) => {}
             Err(e) => {
@@ -448,6 +451,7 @@ impl Engine {
         &self,
         sub: &Subscription,
         d: &Delivery,
+        event: Option<store::StoredEvent>,
     ) -> Result<(url::Url, crate::payload::Body), String> {
         let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"))?;
         // The amoCRM and JSON bodies depend on the event alone: encoded once per event and format
@@ -458,11 +462,14 @@ impl Engine {
         if shared && let Some(body) = self.bodies.get(&cache_key) {
             return Ok((url, body));
         }
-        let stored = self
-            .store
-            .event(&d.event_id)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("event {} is missing from storage", d.event_id))?;
+        let stored = match event {
+            Some(e) => e,
+            None => self
+                .store
+                .event(&d.event_id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("event {} is missing from storage", d.event_id))?,
+        };
         let event = Event::from_value(stored.event).map_err(|e| format!("stored event: {e}"))?;
         let mapping = Mapping::new(sub.entity_name.as_deref(), sub.field_map.as_ref());
         let body = sub

@@ -3,55 +3,65 @@
 //! never waits on it.
 
 use crate::config::RetentionConfig;
-use crate::store::{DeliveryStatus, Store};
+use crate::intake::IDEMPOTENCY_WINDOW;
+use crate::store::Store;
 use crate::subscription::now_ms;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-/// Deliveries removed per chunk.
+/// Events looked at per step on the blocking pool.
 const CHUNK: usize = 5_000;
+/// Events one pass looks at, at most; the next pass goes on from there.
+const PASS: usize = 100_000;
 
 /// How often the purge runs: a quarter of the shorter retention, between 50 ms and a minute.
 pub fn interval(cfg: &RetentionConfig) -> Duration {
     (cfg.delivered.min(cfg.failed) / 4).clamp(Duration::from_millis(50), Duration::from_secs(60))
 }
 
-/// One pass: everything past its retention goes, chunk by chunk. Returns how many deliveries went.
-pub async fn purge(store: &Store, cfg: &RetentionConfig) -> usize {
+/// One pass: walks the events oldest first from `cursor` (where the previous pass stopped),
+/// chunk by chunk, and purges what is past its retention; idempotency keys older than their
+/// window go too. Returns how many deliveries went.
+pub async fn purge(store: &Store, cfg: &RetentionConfig, cursor: &mut Option<Uuid>) -> usize {
+    let now = now_ms();
+    let delivered = now.saturating_sub(cfg.delivered.as_millis() as u64);
+    let failed = now.saturating_sub(cfg.failed.as_millis() as u64);
+    let bare = delivered.min(failed);
     let mut total = 0;
-    for (status, keep) in [
-        (DeliveryStatus::Delivered, cfg.delivered),
-        (DeliveryStatus::Failed, cfg.failed),
-    ] {
-        loop {
-            let cutoff = now_ms().saturating_sub(keep.as_millis() as u64);
-            let s = store.clone();
-            let n = tokio::task::spawn_blocking(move || s.purge_ended(status, cutoff, CHUNK))
-                .await
-                .ok()
-                .and_then(|r| {
-                    r.map_err(|e| tracing::error!(error = %e, "retention purge failed"))
-                        .ok()
-                })
-                .unwrap_or(0);
-            total += n;
-            if n < CHUNK {
+    let mut walked = 0;
+    while walked < PASS {
+        let (s, from) = (store.clone(), *cursor);
+        let step =
+            tokio::task::spawn_blocking(move || s.purge_step(delivered, failed, bare, from, CHUNK))
+                .await;
+        let step = match step {
+            Ok(Ok(step)) => step,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "retention purge failed");
                 break;
             }
+            Err(_) => break,
+        };
+        total += step.purged;
+        walked += CHUNK;
+        *cursor = step.next;
+        if cursor.is_none() {
+            break;
         }
     }
-    let cutoff = now_ms().saturating_sub(cfg.delivered.max(cfg.failed).as_millis() as u64);
+    let keys = now.saturating_sub(IDEMPOTENCY_WINDOW.as_millis() as u64);
     let s = store.clone();
-    let _ =
-        tokio::task::spawn_blocking(move || s.purge_events_without_deliveries(cutoff, CHUNK)).await;
+    let _ = tokio::task::spawn_blocking(move || s.purge_idempotency(keys, usize::MAX)).await;
     total
 }
 
 /// Runs [`purge`] every [`interval`] until `stop`.
 pub async fn run(store: Store, cfg: RetentionConfig, stop: CancellationToken) {
     let every = interval(&cfg);
+    let mut cursor = None;
     loop {
-        let n = purge(&store, &cfg).await;
+        let n = purge(&store, &cfg, &mut cursor).await;
         if n > 0 {
             tracing::info!(purged = n, "retention purged ended deliveries");
         }

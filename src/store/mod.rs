@@ -1,23 +1,25 @@
 //! Durable state in sled: subscriptions, events, deliveries and the scheduler's due index.
 //!
 //! Everything lives in one sled tree under one-byte key prefixes, so that one accepted event and
-//! all of its deliveries and due entries go to disk in a single atomic batch:
+//! all of its due entries go to disk in a single atomic batch. The layout keeps the keys written
+//! per delivery to a minimum, because every key sled writes costs several microseconds and bytes
+//! in its log (measured: the cost of a batch grows with its keys far more than with its bytes):
 //!
 //! | key | value |
 //! |---|---|
 //! | `s` sub_id | [`Subscription`] (JSON) |
-//! | `e` event_id | [`StoredEvent`] (JSON) |
-//! | `d` delivery_id | [`Delivery`] (JSON) |
-//! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription) |
-//! | `t` status delivery_id | empty: the delivery log by status |
-//! | `u` sub_id status delivery_id | empty: by subscription and status |
-//! | `v` sub_id delivery_id | empty: by subscription |
-//! | `w` event_name 0x00 delivery_id | empty: by event name |
-//! | `g` event_id delivery_id | empty: the deliveries of an event (to purge the event with its last) |
+//! | `e` event_id | [`StoredEvent`] (compact binary: time, name, the subscriptions it goes to, the event JSON) |
+//! | `d` delivery_id | [`Delivery`] (JSON), once it has changed since intake; or a purge tombstone |
+//! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription); every pending delivery has exactly one |
+//! | `f` delivery_id | empty: the delivery failed (the failed log, newest first) |
 //! | `i` client key | [`IdempotencyRecord`]: the first receipt of an event sent with an `"id"` |
 //!
-//! The delivery-log indexes are written in the same batch as the record they index, so a listing
-//! walks an index newest first and never scans unrelated records.
+//! An event's deliveries are not records of their own at intake: delivery `i` of event `E` has
+//! the id of `E` with its last two bytes set to `i + 1`, and goes to the event's `i`-th
+//! subscription. Until its first attempt ends it is pending and due at the event's arrival, which
+//! the event record and its due entry say; its `d` record is written with the first outcome. So
+//! intake writes one key per event and one per delivery, and an attempt's outcome writes two or
+//! three. The delivery log walks events newest first (the failed log walks `f`).
 //!
 //! Ids are UUIDv7, so keys sort by creation time. Durability: writes land in sled's log at once and
 //! [`Store::flush`] makes them durable; concurrent callers share one fsync (group commit). Only
@@ -42,65 +44,51 @@ const SUB: u8 = b's';
 const EVENT: u8 = b'e';
 const DELIVERY: u8 = b'd';
 const DUE: u8 = b'q';
-const BY_STATUS: u8 = b't';
-const BY_SUB_STATUS: u8 = b'u';
-const BY_SUB: u8 = b'v';
-const BY_EVENT_NAME: u8 = b'w';
-const BY_EVENT: u8 = b'g';
+const FAILED: u8 = b'f';
 const IDEMPOTENCY: u8 = b'i';
 const EMPTY: &[u8] = &[];
+/// The value of a purged delivery's `d` key while other deliveries of its event are kept.
+const TOMBSTONE: &[u8] = b"x";
 
 /// How many index entries one listing may walk before it answers with what it found and a cursor
 /// to go on from, so that a rare combination of filters cannot make a request run long.
 const SCAN_BUDGET: usize = 50_000;
 
-fn status_byte(s: DeliveryStatus) -> u8 {
-    match s {
-        DeliveryStatus::Pending => b'p',
-        DeliveryStatus::Delivered => b'd',
-        DeliveryStatus::Failed => b'f',
-    }
+/// The most deliveries one event can have (the last two bytes of a delivery id number them).
+pub const MAX_DELIVERIES_PER_EVENT: usize = u16::MAX as usize - 1;
+
+/// A new event id: a UUIDv7 whose last two bytes are zero, the room for its deliveries' numbers.
+pub fn new_event_id() -> Uuid {
+    let mut b = *Uuid::now_v7().as_bytes();
+    b[14] = 0;
+    b[15] = 0;
+    Uuid::from_bytes(b)
 }
 
-/// The index keys of a delivery in its current status.
-fn index_keys(d: &Delivery) -> [Vec<u8>; 5] {
-    let id = d.id.as_bytes();
-    let sub = d.subscription_id.as_bytes();
-    let st = status_byte(d.status);
-    let cat = |parts: &[&[u8]]| parts.concat();
-    [
-        cat(&[&[BY_STATUS, st], id]),
-        cat(&[&[BY_SUB_STATUS], sub, &[st], id]),
-        cat(&[&[BY_SUB], sub, id]),
-        cat(&[&[BY_EVENT_NAME], d.event.as_bytes(), &[0], id]),
-        cat(&[&[BY_EVENT], d.event_id.as_bytes(), id]),
-    ]
+/// The id of delivery `index` (from 0) of an event.
+pub fn delivery_id(event: &Uuid, index: usize) -> Uuid {
+    let mut b = *event.as_bytes();
+    b[14..].copy_from_slice(&((index + 1) as u16).to_be_bytes());
+    Uuid::from_bytes(b)
 }
 
-/// Adds a delivery record and its index keys to a batch; `before` is the status it is stored
-/// under now (its status-dependent keys move), `None` for a new delivery.
-fn put_delivery(batch: &mut sled::Batch, d: &Delivery, before: Option<DeliveryStatus>) {
-    batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
-    let [by_status, by_sub_status, rest @ ..] = index_keys(d);
-    match before {
-        // A new delivery: every index.
-        None => {
-            for k in [by_status, by_sub_status].into_iter().chain(rest) {
-                batch.insert(k, EMPTY);
-            }
-        }
-        // Only the status-dependent keys move; the others stay as they are.
-        Some(old) if old != d.status => {
-            let id = d.id.as_bytes();
-            let sub = d.subscription_id.as_bytes();
-            let st = status_byte(old);
-            batch.remove([&[BY_STATUS, st][..], id].concat());
-            batch.remove([&[BY_SUB_STATUS][..], sub, &[st], id].concat());
-            batch.insert(by_status, EMPTY);
-            batch.insert(by_sub_status, EMPTY);
-        }
-        Some(_) => {}
+/// The event of a delivery id and the delivery's index; `None` for an id that names no delivery.
+pub fn event_of(delivery: &Uuid) -> Option<(Uuid, usize)> {
+    let mut b = *delivery.as_bytes();
+    let n = u16::from_be_bytes([b[14], b[15]]) as usize;
+    if n == 0 {
+        return None;
     }
+    b[14] = 0;
+    b[15] = 0;
+    Some((Uuid::from_bytes(b), n - 1))
+}
+
+/// The creation time (ms) a UUIDv7 carries.
+fn uuid_ms(id: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[2..].copy_from_slice(&id[..6]);
+    u64::from_be_bytes(b)
 }
 
 /// The smallest UUIDv7 of a millisecond: a bound for "created since".
@@ -132,16 +120,6 @@ pub enum StatusFilter {
     Failed,
 }
 
-impl StatusFilter {
-    fn stored(self) -> DeliveryStatus {
-        match self {
-            StatusFilter::Pending | StatusFilter::InFlight => DeliveryStatus::Pending,
-            StatusFilter::Delivered => DeliveryStatus::Delivered,
-            StatusFilter::Failed => DeliveryStatus::Failed,
-        }
-    }
-}
-
 /// One page of the delivery log.
 #[derive(Debug, Default)]
 pub struct DeliveryPage {
@@ -159,6 +137,12 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("corrupt record under key {key}: {message}")]
+    Malformed { key: String, message: String },
+    #[error(
+        "an event may go to at most {MAX_DELIVERIES_PER_EVENT} subscriptions, this one matches {0}"
+    )]
+    TooManyDeliveries(usize),
     #[error("storage flusher has stopped")]
     FlusherGone,
     #[error("cannot open storage at {path}: {source}")]
@@ -219,6 +203,112 @@ pub struct Due {
     pub subscription: Uuid,
     pub due_ms: u64,
     pub delivery: Uuid,
+}
+
+/// The version byte that starts an event record.
+const EVENT_RECORD_V1: u8 = 1;
+
+/// An event record: `[1][received_at u64][name length u8][name][n u16][n subscription ids][event JSON]`.
+fn encode_event(e: &StoredEvent) -> Result<Vec<u8>, StoreError> {
+    let n = e.subscriptions.len();
+    if n > MAX_DELIVERIES_PER_EVENT {
+        return Err(StoreError::TooManyDeliveries(n));
+    }
+    // Event names come from a short fixed catalogue.
+    let name = &e.name.as_bytes()[..e.name.len().min(u8::MAX as usize)];
+    let mut v = Vec::with_capacity(12 + name.len() + 16 * n + 256);
+    v.push(EVENT_RECORD_V1);
+    v.extend_from_slice(&e.received_at.to_be_bytes());
+    v.push(name.len() as u8);
+    v.extend_from_slice(name);
+    v.extend_from_slice(&(n as u16).to_be_bytes());
+    for s in &e.subscriptions {
+        v.extend_from_slice(s.as_bytes());
+    }
+    serde_json::to_writer(&mut v, &e.event).expect("a JSON value serialises");
+    Ok(v)
+}
+
+/// The fixed part of an event record, read without parsing the event's JSON.
+struct EventHead<'a> {
+    received_at: u64,
+    name: &'a str,
+    subscriptions: &'a [u8],
+    json: &'a [u8],
+}
+
+impl<'a> EventHead<'a> {
+    fn parse(k: &[u8], v: &'a [u8]) -> Result<EventHead<'a>, StoreError> {
+        let bad = |message: &str| StoreError::Malformed {
+            key: format!("e{}", Uuid::from_slice(&k[1..]).unwrap_or_default()),
+            message: message.to_string(),
+        };
+        if v.first() != Some(&EVENT_RECORD_V1) || v.len() < 10 {
+            return Err(bad("not an event record"));
+        }
+        let received_at = u64::from_be_bytes(v[1..9].try_into().expect("8 bytes"));
+        let name_len = v[9] as usize;
+        let rest = &v[10..];
+        if rest.len() < name_len + 2 {
+            return Err(bad("truncated event name"));
+        }
+        let name = std::str::from_utf8(&rest[..name_len]).map_err(|_| bad("event name"))?;
+        let rest = &rest[name_len..];
+        let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        let rest = &rest[2..];
+        if rest.len() < 16 * n {
+            return Err(bad("truncated subscription list"));
+        }
+        Ok(EventHead {
+            received_at,
+            name,
+            subscriptions: &rest[..16 * n],
+            json: &rest[16 * n..],
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.subscriptions.len() / 16
+    }
+
+    fn subscription(&self, index: usize) -> Uuid {
+        uuid_at(self.subscriptions, 16 * index)
+    }
+
+    /// Delivery `index` as intake created it: pending, due at the event's arrival.
+    fn initial(&self, event: &Uuid, index: usize) -> Delivery {
+        Delivery {
+            id: delivery_id(event, index),
+            event_id: *event,
+            event: self.name.to_string(),
+            subscription_id: self.subscription(index),
+            status: DeliveryStatus::Pending,
+            created_at: self.received_at,
+            next_attempt_at: Some(self.received_at),
+            ended_at: None,
+            error: None,
+            attempts: Vec::new(),
+        }
+    }
+
+    fn event(&self, id: &Uuid, k: &[u8]) -> Result<StoredEvent, StoreError> {
+        Ok(StoredEvent {
+            id: *id,
+            received_at: self.received_at,
+            name: self.name.to_string(),
+            event: decode(k, self.json)?,
+            subscriptions: (0..self.len()).map(|i| self.subscription(i)).collect(),
+        })
+    }
+}
+
+/// What one step of retention did.
+#[derive(Debug, Default)]
+pub struct PurgeStep {
+    /// Deliveries purged.
+    pub purged: usize,
+    /// The last event looked at, where the next step goes on; `None` once the walk reached the end.
+    pub next: Option<Uuid>,
 }
 
 impl Store {
@@ -314,22 +404,20 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.remove(key(SUB, sub).as_slice());
         let mut ended = 0;
-        {
-            let mut p = vec![DUE];
-            p.extend_from_slice(sub.as_bytes());
-            for r in self.tree.scan_prefix(&p) {
-                let (k, _) = r?;
-                batch.remove(k.clone());
-                let did = uuid_at(&k, k.len() - 16);
-                if let Some(mut d) = self.delivery(&did)? {
-                    let before = d.status;
-                    d.status = DeliveryStatus::Failed;
-                    d.next_attempt_at = None;
-                    d.error = Some(reason.to_string());
-                    d.ended_at = Some(now_ms);
-                    put_delivery(&mut batch, &d, Some(before));
-                    ended += 1;
-                }
+        let mut p = vec![DUE];
+        p.extend_from_slice(sub.as_bytes());
+        for r in self.tree.scan_prefix(&p) {
+            let (k, _) = r?;
+            batch.remove(k.clone());
+            let did = uuid_at(&k, k.len() - 16);
+            if let Some(mut d) = self.delivery(&did)? {
+                d.status = DeliveryStatus::Failed;
+                d.next_attempt_at = None;
+                d.error = Some(reason.to_string());
+                d.ended_at = Some(now_ms);
+                batch.insert(key(DELIVERY, &d.id).as_slice(), encode(&d));
+                batch.insert(key(FAILED, &d.id).as_slice(), EMPTY);
+                ended += 1;
             }
         }
         self.tree.apply_batch(batch)?;
@@ -338,23 +426,23 @@ impl Store {
 
     // ---- intake ----
 
-    /// Writes events with their deliveries and due entries in one atomic batch (not yet flushed).
-    /// Events sent with an idempotency key record their receipt under it in the same batch.
+    /// Writes events with the due entries of their deliveries in one atomic batch (not yet
+    /// flushed). Events sent with an idempotency key record their receipt under it in the same
+    /// batch. Delivery `i` of an event goes to its `i`-th subscription (see [`delivery_id`]).
     pub fn accept(
         &self,
-        items: &[(StoredEvent, Vec<Delivery>)],
+        events: &[StoredEvent],
         keys: &[(String, IdempotencyRecord)],
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (k, record) in keys {
             batch.insert([&[IDEMPOTENCY][..], k.as_bytes()].concat(), encode(record));
         }
-        for (event, deliveries) in items {
-            batch.insert(key(EVENT, &event.id).as_slice(), encode(event));
-            for d in deliveries {
-                put_delivery(&mut batch, d, None);
-                let due = d.next_attempt_at.unwrap_or(d.created_at);
-                batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
+        for event in events {
+            batch.insert(key(EVENT, &event.id).as_slice(), encode_event(event)?);
+            for (i, sub) in event.subscriptions.iter().enumerate() {
+                let did = delivery_id(&event.id, i);
+                batch.insert(due_key(sub, event.received_at, &did).as_slice(), EMPTY);
             }
         }
         self.tree.apply_batch(batch)?;
@@ -388,68 +476,172 @@ impl Store {
 
     pub fn event(&self, id: &Uuid) -> Result<Option<StoredEvent>, StoreError> {
         let k = key(EVENT, id);
-        self.tree.get(k)?.map(|v| decode(&k, &v)).transpose()
+        match self.tree.get(k)? {
+            Some(v) => Ok(Some(EventHead::parse(&k, &v)?.event(id, &k)?)),
+            None => Ok(None),
+        }
     }
 
     pub fn delivery(&self, id: &Uuid) -> Result<Option<Delivery>, StoreError> {
-        let k = key(DELIVERY, id);
-        self.tree.get(k)?.map(|v| decode(&k, &v)).transpose()
+        Ok(self.delivery_and_event(id, false)?.map(|(d, _)| d))
     }
 
-    /// A page of the delivery log, newest first, walking the index that fits the filters best.
-    pub fn deliveries(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {
-        let status = q.status.map(|s| status_byte(s.stored()));
-        // The driving index: its prefix, and which filters it already applies.
-        let (prefix, by_sub, by_status, by_event) = match (q.subscription, status, &q.event) {
-            (Some(sub), Some(st), _) => (
-                [&[BY_SUB_STATUS][..], sub.as_bytes(), &[st]].concat(),
-                true,
-                true,
-                false,
-            ),
-            (Some(sub), None, _) => ([&[BY_SUB][..], sub.as_bytes()].concat(), true, false, false),
-            (None, _, Some(e)) => (
-                [&[BY_EVENT_NAME][..], e.as_bytes(), &[0]].concat(),
-                false,
-                false,
-                true,
-            ),
-            (None, Some(st), None) => (vec![BY_STATUS, st], false, true, false),
-            (None, None, None) => (vec![DELIVERY], false, false, false),
+    /// A delivery, and its event when `with_event` or when reading the delivery meant reading
+    /// the event anyway (it has not changed since intake).
+    pub fn delivery_and_event(
+        &self,
+        id: &Uuid,
+        with_event: bool,
+    ) -> Result<Option<(Delivery, Option<StoredEvent>)>, StoreError> {
+        let k = key(DELIVERY, id);
+        let stored = match self.tree.get(k)? {
+            Some(v) if v == TOMBSTONE => return Ok(None),
+            Some(v) => Some(decode::<Delivery>(&k, &v)?),
+            None => None,
         };
-        let lower = [&prefix[..], &uuid_floor(q.since_ms.unwrap_or(0))].concat();
-        let upper = match &q.before {
-            Some(id) => [&prefix[..], id.as_bytes()].concat(),
-            None => {
-                let mut p = prefix.clone();
-                p.push(0xff);
-                p.extend_from_slice(&[0xff; 16]);
-                p
+        if let Some(d) = &stored
+            && !with_event
+        {
+            return Ok(Some((d.clone(), None)));
+        }
+        let Some((event_id, index)) = event_of(id) else {
+            return Ok(stored.map(|d| (d, None)));
+        };
+        let ek = key(EVENT, &event_id);
+        let Some(v) = self.tree.get(ek)? else {
+            return Ok(stored.map(|d| (d, None)));
+        };
+        let head = EventHead::parse(&ek, &v)?;
+        if index >= head.len() {
+            return Ok(None);
+        }
+        let event = with_event.then(|| head.event(&event_id, &ek)).transpose()?;
+        let d = stored.unwrap_or_else(|| head.initial(&event_id, index));
+        Ok(Some((d, event)))
+    }
+
+    /// The state of delivery `index` of an event whose record is `head`: `None` once purged.
+    fn delivery_in(
+        &self,
+        head: &EventHead<'_>,
+        event: &Uuid,
+        index: usize,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let did = delivery_id(event, index);
+        let k = key(DELIVERY, &did);
+        match self.tree.get(k)? {
+            Some(v) if v == TOMBSTONE => Ok(None),
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(Some(head.initial(event, index))),
+        }
+    }
+
+    /// Whether a delivery passes a listing's filters (those the walk has not applied already).
+    fn listed(&self, q: &DeliveryQuery, d: &Delivery) -> bool {
+        q.subscription.is_none_or(|s| d.subscription_id == s)
+            && q.event.as_deref().is_none_or(|e| d.event == e)
+            && q.since_ms.is_none_or(|t| d.created_at >= t)
+            && match q.status {
+                None => true,
+                Some(StatusFilter::Delivered) => d.status == DeliveryStatus::Delivered,
+                Some(StatusFilter::Failed) => d.status == DeliveryStatus::Failed,
+                Some(StatusFilter::Pending) => {
+                    d.status == DeliveryStatus::Pending && !self.is_in_flight(&d.id)
+                }
+                Some(StatusFilter::InFlight) => {
+                    d.status == DeliveryStatus::Pending && self.is_in_flight(&d.id)
+                }
             }
+    }
+
+    /// A page of the delivery log, newest first: the failed log for `status=failed`, the events
+    /// and their deliveries otherwise.
+    pub fn deliveries(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+        if q.status == Some(StatusFilter::Failed) {
+            return self.failed_page(q);
+        }
+        let lower = key(
+            EVENT,
+            &Uuid::from_bytes(uuid_floor(q.since_ms.unwrap_or(0))),
+        );
+        // The cursor is the last delivery of the previous page: its event's older deliveries,
+        // then older events.
+        let (upper, first_below) = match q.before.as_ref().map(|c| (c, event_of(c))) {
+            Some((_, Some((event, index)))) => {
+                let mut u = key(EVENT, &event).to_vec();
+                u.push(0);
+                (u, Some((event, index)))
+            }
+            Some((c, None)) => (key(EVENT, c).to_vec(), None),
+            None => (vec![EVENT + 1], None),
         };
         let mut page = DeliveryPage::default();
         let mut walked = 0;
-        for r in self.tree.range(lower..upper).rev() {
+        for r in self.tree.range(lower.to_vec()..upper).rev() {
+            let (k, v) = r?;
+            let event = uuid_at(&k, 1);
+            let head = EventHead::parse(&k, &v)?;
+            if q.event.as_deref().is_some_and(|e| e != head.name) {
+                walked += 1;
+                if walked > SCAN_BUDGET {
+                    page.next = Some(delivery_id(&event, 0));
+                    return Ok(page);
+                }
+                continue;
+            }
+            let end = match first_below {
+                Some((e, index)) if e == event => index,
+                _ => head.len(),
+            };
+            for index in (0..end).rev() {
+                walked += 1;
+                let did = delivery_id(&event, index);
+                if walked > SCAN_BUDGET {
+                    page.next = Some(delivery_id(&event, index + 1));
+                    return Ok(page);
+                }
+                if q.subscription
+                    .is_some_and(|s| s != head.subscription(index))
+                {
+                    continue;
+                }
+                let Some(d) = self.delivery_in(&head, &event, index)? else {
+                    continue;
+                };
+                if self.listed(q, &d) {
+                    page.deliveries.push(d);
+                    if page.deliveries.len() >= q.limit {
+                        page.next = Some(did);
+                        return Ok(page);
+                    }
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// A page of the failed log, newest first.
+    fn failed_page(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+        let lower = key(
+            FAILED,
+            &Uuid::from_bytes(uuid_floor(q.since_ms.unwrap_or(0))),
+        );
+        let upper = match &q.before {
+            Some(c) => key(FAILED, c).to_vec(),
+            None => vec![FAILED + 1],
+        };
+        let mut page = DeliveryPage::default();
+        for (walked, r) in self.tree.range(lower.to_vec()..upper).rev().enumerate() {
             let (k, _) = r?;
-            let did = uuid_at(&k, k.len() - 16);
-            walked += 1;
-            if walked > SCAN_BUDGET {
+            let did = uuid_at(&k, 1);
+            if walked >= SCAN_BUDGET {
                 page.next = Some(did);
                 return Ok(page);
             }
             let Some(d) = self.delivery(&did)? else {
                 continue;
             };
-            let keep = (by_sub || q.subscription.is_none_or(|s| d.subscription_id == s))
-                && (by_status || status.is_none_or(|st| status_byte(d.status) == st))
-                && (by_event || q.event.as_deref().is_none_or(|e| d.event == e))
-                && q.since_ms.is_none_or(|t| d.created_at >= t)
-                && match q.status {
-                    Some(StatusFilter::InFlight) => self.is_in_flight(&d.id),
-                    Some(StatusFilter::Pending) => !self.is_in_flight(&d.id),
-                    _ => true,
-                };
-            if keep {
+            if self.listed(q, &d) {
                 page.deliveries.push(d);
                 if page.deliveries.len() >= q.limit {
                     page.next = Some(did);
@@ -513,28 +705,27 @@ impl Store {
         self.claimed_set().remove(delivery);
     }
 
-    /// Writes an attempt's outcome: the updated delivery (stored until now with status
-    /// `before`), the end of the due entry it was claimed by (`claimed_due_ms`), and its next due
-    /// entry when another attempt follows; then the claim ends. `Ok(false)` when the claimed entry
+    /// Writes an attempt's outcome: the updated delivery, the end of the due entry it was
+    /// claimed by (`claimed_due_ms`), its next due entry when another attempt follows, its place
+    /// in the failed log when it failed; then the claim ends. `Ok(false)` when the claimed entry
     /// is gone — the delivery was ended meanwhile (its subscription deleted) — and nothing is
     /// written, so a deleted subscription never gets a due entry back.
-    pub fn record_attempt(
-        &self,
-        d: &Delivery,
-        before: DeliveryStatus,
-        claimed_due_ms: u64,
-    ) -> Result<bool, StoreError> {
+    pub fn record_attempt(&self, d: &Delivery, claimed_due_ms: u64) -> Result<bool, StoreError> {
         let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
         let result = (|| {
             if !self.tree.contains_key(claimed.as_slice())? {
                 return Ok(false);
             }
             let mut batch = sled::Batch::default();
-            put_delivery(&mut batch, d, Some(before));
+            batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
             batch.remove(claimed.as_slice());
-            if d.status == DeliveryStatus::Pending {
-                let due = d.next_attempt_at.unwrap_or(0);
-                batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
+            match d.status {
+                DeliveryStatus::Pending => {
+                    let due = d.next_attempt_at.unwrap_or(0);
+                    batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
+                }
+                DeliveryStatus::Failed => batch.insert(key(FAILED, &d.id).as_slice(), EMPTY),
+                DeliveryStatus::Delivered => {}
             }
             self.tree.apply_batch(batch)?;
             Ok(true)
@@ -560,17 +751,20 @@ impl Store {
             return Ok(Some(Err("an attempt of this delivery is in flight".into())));
         }
         let mut batch = sled::Batch::default();
-        if d.status == DeliveryStatus::Pending
-            && let Some(due) = d.next_attempt_at
-        {
-            batch.remove(due_key(&d.subscription_id, due, &d.id).as_slice());
+        match d.status {
+            DeliveryStatus::Pending => {
+                if let Some(due) = d.next_attempt_at {
+                    batch.remove(due_key(&d.subscription_id, due, &d.id).as_slice());
+                }
+            }
+            DeliveryStatus::Failed => batch.remove(key(FAILED, &d.id).as_slice()),
+            DeliveryStatus::Delivered => {}
         }
-        let before = d.status;
         d.status = DeliveryStatus::Pending;
         d.next_attempt_at = Some(now_ms);
         d.ended_at = None;
         d.error = None;
-        put_delivery(&mut batch, &d, Some(before));
+        batch.insert(key(DELIVERY, &d.id).as_slice(), encode(&d));
         batch.insert(due_key(&d.subscription_id, now_ms, &d.id).as_slice(), EMPTY);
         self.tree.apply_batch(batch)?;
         Ok(Some(Ok(d)))
@@ -578,104 +772,121 @@ impl Store {
 
     /// The `failed` deliveries of a subscription created at or after `since_ms`, oldest first.
     pub fn failed_since(&self, sub: &Uuid, since_ms: u64) -> Result<Vec<Uuid>, StoreError> {
-        let mut prefix = vec![BY_SUB_STATUS];
-        prefix.extend_from_slice(sub.as_bytes());
-        prefix.push(status_byte(DeliveryStatus::Failed));
-        let mut start = prefix.clone();
-        start.extend_from_slice(&uuid_floor(since_ms));
+        let start = key(FAILED, &Uuid::from_bytes(uuid_floor(since_ms)));
         let mut out = Vec::new();
-        for r in self.tree.range(start..) {
+        for r in self.tree.range(start.to_vec()..vec![FAILED + 1]) {
             let (k, _) = r?;
-            if !k.starts_with(&prefix) {
-                break;
+            let did = uuid_at(&k, 1);
+            if let Some(d) = self.delivery(&did)?
+                && d.subscription_id == *sub
+                && d.status == DeliveryStatus::Failed
+                && d.created_at >= since_ms
+            {
+                out.push(did);
             }
-            out.push(uuid_at(&k, k.len() - 16));
         }
         Ok(out)
     }
 
-    /// Removes ended deliveries of `status` that ended before `cutoff_ms`, at most `max` of them,
-    /// with their index keys, and each event whose last delivery goes. Returns how many went.
-    pub fn purge_ended(
+    /// One bounded step of retention: walks at most `budget` events oldest first, after `from`,
+    /// among those received before the later of the two cutoffs. A delivery goes once it has
+    /// ended — `delivered` before `delivered_cutoff`, `failed` before `failed_cutoff` — and an
+    /// event goes with its last delivery; an event that went to no subscription goes once it
+    /// was received before `bare_cutoff`. A purged delivery whose event still has others is
+    /// left as a tombstone until the event goes.
+    pub fn purge_step(
         &self,
-        status: DeliveryStatus,
-        cutoff_ms: u64,
-        max: usize,
-    ) -> Result<usize, StoreError> {
-        let prefix = [BY_STATUS, status_byte(status)];
+        delivered_cutoff: u64,
+        failed_cutoff: u64,
+        bare_cutoff: u64,
+        from: Option<Uuid>,
+        budget: usize,
+    ) -> Result<PurgeStep, StoreError> {
+        let lower = match from {
+            Some(e) => {
+                let mut k = key(EVENT, &e).to_vec();
+                k.push(0);
+                k
+            }
+            None => vec![EVENT],
+        };
+        let upper = key(
+            EVENT,
+            &Uuid::from_bytes(uuid_floor(delivered_cutoff.max(failed_cutoff))),
+        );
+        let mut step = PurgeStep::default();
         let mut batch = sled::Batch::default();
-        let mut purged = 0;
-        let mut events: Vec<Uuid> = Vec::new();
-        // Oldest first: a delivery created after the cutoff cannot have ended before it.
-        for r in self.tree.scan_prefix(prefix) {
-            let (k, _) = r?;
-            let did = uuid_at(&k, 2);
-            let Some(d) = self.delivery(&did)? else {
-                batch.remove(k);
+        let mut dirty = false;
+        for r in self.tree.range(lower..upper.to_vec()).take(budget) {
+            let (k, v) = r?;
+            let event = uuid_at(&k, 1);
+            step.next = Some(event);
+            let head = EventHead::parse(&k, &v)?;
+            if head.len() == 0 {
+                if head.received_at < bare_cutoff {
+                    batch.remove(k);
+                    dirty = true;
+                }
                 continue;
-            };
-            if d.created_at >= cutoff_ms || purged >= max {
-                break;
             }
-            if d.ended_at.is_none_or(|t| t >= cutoff_ms) {
-                continue;
+            let mut live = false;
+            let mut going = Vec::new();
+            for index in 0..head.len() {
+                let did = delivery_id(&event, index);
+                let Some(raw) = self.tree.get(key(DELIVERY, &did))? else {
+                    live = true; // pending since intake
+                    continue;
+                };
+                if raw == TOMBSTONE {
+                    continue;
+                }
+                let d: Delivery = decode(&key(DELIVERY, &did), &raw)?;
+                let cutoff = match d.status {
+                    DeliveryStatus::Pending => {
+                        live = true;
+                        continue;
+                    }
+                    DeliveryStatus::Delivered => delivered_cutoff,
+                    DeliveryStatus::Failed => failed_cutoff,
+                };
+                if d.ended_at.is_some_and(|t| t < cutoff) {
+                    going.push((did, d.status));
+                } else {
+                    live = true;
+                }
             }
-            batch.remove(key(DELIVERY, &d.id).as_slice());
-            for k in index_keys(&d) {
+            step.purged += going.len();
+            dirty |= !going.is_empty();
+            for (did, status) in &going {
+                if *status == DeliveryStatus::Failed {
+                    batch.remove(key(FAILED, did).as_slice());
+                }
+                if live {
+                    batch.insert(key(DELIVERY, did).as_slice(), TOMBSTONE);
+                }
+            }
+            if !live {
+                dirty = true;
                 batch.remove(k);
-            }
-            if !events.contains(&d.event_id) {
-                events.push(d.event_id);
-            }
-            purged += 1;
-        }
-        self.tree.apply_batch(batch)?;
-        // An event goes with its last delivery (an event that matched nothing has none and is
-        // kept only as long as the longer retention allows, see `purge_events_without_deliveries`).
-        let mut batch = sled::Batch::default();
-        for e in events {
-            let mut p = vec![BY_EVENT];
-            p.extend_from_slice(e.as_bytes());
-            if self.tree.scan_prefix(&p).next().is_none() {
-                batch.remove(key(EVENT, &e).as_slice());
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(purged)
-    }
-
-    /// Removes events received before `cutoff_ms` that have no delivery (they matched no
-    /// subscription), at most `max`. Returns how many went.
-    pub fn purge_events_without_deliveries(
-        &self,
-        cutoff_ms: u64,
-        max: usize,
-    ) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        let end = key(EVENT, &Uuid::from_bytes(uuid_floor(cutoff_ms)));
-        for r in self.tree.range([EVENT].to_vec()..end.to_vec()) {
-            let (k, _) = r?;
-            let mut p = vec![BY_EVENT];
-            p.extend_from_slice(&k[1..17]);
-            if self.tree.scan_prefix(&p).next().is_none() {
-                batch.remove(k);
-                n += 1;
-                if n >= max {
-                    break;
+                for index in 0..head.len() {
+                    batch.remove(key(DELIVERY, &delivery_id(&event, index)).as_slice());
                 }
             }
         }
-        self.tree.apply_batch(batch)?;
-        Ok(n)
+        if dirty {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(step)
     }
 
     /// How many deliveries created before `before_ms` are pending (the start-up value of the
     /// pending gauge: deliveries created later are counted as they are created).
     pub fn count_pending_before(&self, before_ms: u64) -> usize {
-        let prefix = [BY_STATUS, status_byte(DeliveryStatus::Pending)];
-        let end = [&prefix[..], &uuid_floor(before_ms)].concat();
-        self.tree.range(prefix.to_vec()..end).keys().count()
+        self.tree
+            .scan_prefix([DUE])
+            .keys()
+            .filter(|k| k.as_ref().is_ok_and(|k| uuid_ms(&k[25..]) < before_ms))
+            .count()
     }
 
     /// Whether storage accepts a write (for /healthz).

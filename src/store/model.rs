@@ -98,12 +98,15 @@ impl Subscription {
     }
 }
 
-/// An accepted event as stored: its id, when it arrived, and the event object.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An accepted event as stored: its id, when it arrived, its name, the event object, and the
+/// subscriptions it goes to (delivery `i` goes to the `i`-th, see [`super::delivery_id`]).
+#[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub id: Uuid,
     pub received_at: u64,
+    pub name: String,
     pub event: Value,
+    pub subscriptions: Vec<Uuid>,
 }
 
 /// The first receipt of an event sent with an idempotency key (`"id"`).
