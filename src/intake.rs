@@ -183,7 +183,7 @@ impl Intake {
         let mut receipts = Vec::with_capacity(events.len());
         let mut touched: Vec<Uuid> = Vec::new();
         let mut created = 0usize;
-        {
+        let durable = {
             let _gate = self.registry.intake_gate().await;
             // Events with an idempotency key check and record it under one lock, so that two
             // requests with the same key cannot both create deliveries.
@@ -254,10 +254,11 @@ impl Intake {
                     subscriptions: subs.iter().map(|s| s.id).collect(),
                 });
             }
-            self.store.accept(&items, &keys)?;
-        }
+            // Queued under the gate: a subscription deleted after this is cleaned up after it.
+            self.store.accept(&items, &keys)?
+        };
         // Also when every event was a repeat: the first request may not be flushed yet.
-        self.store.flush().await?;
+        durable.wait().await?;
         self.metrics.events_accepted(items.len(), created);
         for id in &touched {
             self.engine.wake(id);

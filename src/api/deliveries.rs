@@ -195,6 +195,7 @@ pub async fn redeliver(
     let d = match app
         .store
         .redeliver(&uuid, now_ms())
+        .await
         .map_err(ApiError::internal)?
     {
         None => return Err(not_found()),
@@ -245,20 +246,11 @@ pub async fn recover(
     let bytes = super::body(bytes, app.config.server.max_body)?;
     let body: RecoverBody = super::parse_json(&bytes)?;
     let since = parse_time("since", &body.since)?;
-    let store = app.store.clone();
-    let scheduled = tokio::task::spawn_blocking(move || {
-        let now = now_ms();
-        let mut n = 0usize;
-        for did in store.failed_since(&sub, since)? {
-            if let Some(Ok(_)) = store.redeliver(&did, now)? {
-                n += 1;
-            }
-        }
-        Ok::<_, crate::store::StoreError>(n)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    let scheduled = app
+        .store
+        .recover(&sub, since, now_ms())
+        .await
+        .map_err(ApiError::internal)?;
     app.store.flush().await.map_err(ApiError::internal)?;
     app.metrics.pending_changed(scheduled as i64);
     app.engine.wake(&sub);

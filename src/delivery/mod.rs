@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -227,8 +227,7 @@ impl Engine {
                         Ok(true) => {
                             let engine = self.clone();
                             self.attempts.spawn(async move {
-                                engine.attempt(sub, d).await;
-                                drop((slot, permit));
+                                engine.attempt(sub, d, (slot, permit)).await;
                             });
                         }
                         Ok(false) => {}
@@ -241,8 +240,15 @@ impl Engine {
         }
     }
 
-    /// Runs one attempt of a claimed delivery and records its outcome.
-    async fn attempt(self: &Arc<Self>, sub: Arc<Subscription>, due: store::Due) {
+    /// Runs one attempt of a claimed delivery and records its outcome. `permits` (the lane's slot
+    /// and the engine's) are given back once the HTTP exchange is over: the claim keeps the
+    /// delivery from being taken again until its outcome is written.
+    async fn attempt(
+        self: &Arc<Self>,
+        sub: Arc<Subscription>,
+        due: store::Due,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) {
         let delivery_id = due.delivery;
         // The event is read with the delivery unless its body is encoded already.
         let cached = matches!(sub.format, Format::Amocrm | Format::Json)
@@ -315,6 +321,7 @@ impl Engine {
                 retry_after: None,
             },
         };
+        drop(permits);
         let ended = now_ms();
         d.attempts.push(Attempt {
             n,
@@ -386,6 +393,23 @@ impl Engine {
             next_attempt_at = next_attempt_at.as_deref().unwrap_or("-"),
             "attempt"
         );
+        // Disable before the next due entry is written, so the lane cannot take it first.
+        if let Some(reason) = disable
+            && let Err(e) = self
+                .registry
+                .set_enabled(&sub.id, false, Some(reason))
+                .await
+        {
+            tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
+        }
+        match self.store.record_attempt(&d, due.due_ms).await {
+            Ok(true) if d.status != DeliveryStatus::Pending => self.metrics.pending_changed(-1),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
+            }
+        }
+        // Counted and shown once stored, so that what the stream shows the log shows too.
         self.metrics
             .attempt(outcome_kind.as_str(), outcome.code, outcome.duration);
         self.stream.publish(AttemptEvent {
@@ -403,22 +427,6 @@ impl Engine {
             outcome: outcome_kind,
             next_attempt_at,
         });
-        // Disable before the next due entry is written, so the lane cannot take it first.
-        if let Some(reason) = disable
-            && let Err(e) = self
-                .registry
-                .set_enabled(&sub.id, false, Some(reason))
-                .await
-        {
-            tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
-        }
-        match self.store.record_attempt(&d, due.due_ms) {
-            Ok(true) if d.status != DeliveryStatus::Pending => self.metrics.pending_changed(-1),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
-            }
-        }
         if d.status == DeliveryStatus::Pending {
             self.wake(&sub.id);
         }

@@ -1,6 +1,6 @@
 //! Retention: ended deliveries are purged after `[retention]` (delivered 30 d, failed 90 d by
-//! default) by a background task. It works in bounded chunks on the blocking pool, so delivery
-//! never waits on it.
+//! default) by a background task. It works in short bounded steps, so delivery
+//! never waits on it for long.
 
 use crate::config::RetentionConfig;
 use crate::intake::IDEMPOTENCY_WINDOW;
@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Events looked at per step on the blocking pool.
-const CHUNK: usize = 5_000;
+/// Events looked at per step. A step runs on the storage writer thread, alone, so it is kept
+/// short: intake and attempt outcomes wait meanwhile.
+const CHUNK: usize = 500;
 /// Events one pass looks at, at most; the next pass goes on from there.
 const PASS: usize = 100_000;
 
@@ -31,17 +32,15 @@ pub async fn purge(store: &Store, cfg: &RetentionConfig, cursor: &mut Option<Uui
     let mut total = 0;
     let mut walked = 0;
     while walked < PASS {
-        let (s, from) = (store.clone(), *cursor);
-        let step =
-            tokio::task::spawn_blocking(move || s.purge_step(delivered, failed, bare, from, CHUNK))
-                .await;
-        let step = match step {
-            Ok(Ok(step)) => step,
-            Ok(Err(e)) => {
+        let step = match store
+            .purge_step(delivered, failed, bare, *cursor, CHUNK)
+            .await
+        {
+            Ok(step) => step,
+            Err(e) => {
                 tracing::error!(error = %e, "retention purge failed");
                 break;
             }
-            Err(_) => break,
         };
         total += step.purged;
         walked += CHUNK;

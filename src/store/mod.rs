@@ -151,7 +151,32 @@ pub enum StoreError {
 
 /// A flush request: the database to flush (so the flusher thread holds it only while flushing,
 /// and storage closes when the last `Store` is dropped) and where to answer.
-type FlushRequest = (sled::Db, oneshot::Sender<Result<(), String>>);
+type FlushRequest = (sled::Db, Vec<oneshot::Sender<Result<(), String>>>);
+
+/// A key to insert (with its value) or remove.
+type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// A change for the writer thread, which applies every change of the store's deliveries, due
+/// entries and events: one thread, so that no two writers contend for the same sled nodes, and
+/// the changes that queue up while it works go to sled as one batch.
+enum Write {
+    /// Intake: answered once applied and flushed.
+    Durable(Vec<KeyWrite>, oneshot::Sender<Result<(), String>>),
+    /// An attempt's outcome, applied only while the due entry `claimed` it was claimed by still
+    /// exists; answered with whether it did. The claim of `delivery` ends once it is applied.
+    Outcome {
+        claimed: [u8; 41],
+        delivery: Uuid,
+        writes: Vec<KeyWrite>,
+        done: oneshot::Sender<Result<bool, String>>,
+    },
+    /// Reads and writes of its own (deleting a subscription, redelivery, retention), run alone
+    /// once everything queued before it is applied.
+    Exclusive(Box<dyn FnOnce() + Send>),
+}
+
+/// The most changes the writer applies as one batch.
+const MAX_GROUP: usize = 4096;
 
 /// The handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -159,6 +184,7 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     flusher: mpsc::UnboundedSender<FlushRequest>,
+    writer: std::sync::mpsc::Sender<Write>,
     /// Deliveries whose attempt is in flight; their due entries stay in sled until the outcome.
     claimed: Arc<std::sync::Mutex<HashSet<Uuid>>>,
 }
@@ -347,11 +373,24 @@ impl Store {
             .name("sled-flusher".into())
             .spawn(move || group_commit(rx))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        let claimed: Arc<std::sync::Mutex<HashSet<Uuid>>> = Arc::default();
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            tree: tree.clone(),
+            claimed: claimed.clone(),
+            flusher: tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name("sled-writer".into())
+            .spawn(move || writer.run(wrx))
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Store {
             db,
             tree,
             flusher: tx,
-            claimed: Arc::default(),
+            writer: wtx,
+            claimed,
         })
     }
 
@@ -359,7 +398,7 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.flusher
-            .send((self.db.clone(), tx))
+            .send((self.db.clone(), vec![tx]))
             .map_err(|_| StoreError::FlusherGone)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -374,6 +413,31 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Runs `f` on the writer thread, alone, once every change queued before it is applied.
+    fn exclusive<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> R + Send + 'static,
+    ) -> Result<oneshot::Receiver<R>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let store = self.clone();
+        self.writer
+            .send(Write::Exclusive(Box::new(move || {
+                let _ = tx.send(f(&store));
+            })))
+            .map_err(|_| StoreError::FlusherGone)?;
+        Ok(rx)
+    }
+
+    /// [`Store::exclusive`], awaited.
+    async fn exclusively<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.exclusive(f)?
+            .await
+            .map_err(|_| StoreError::FlusherGone)?
     }
 
     // ---- subscriptions ----
@@ -395,7 +459,18 @@ impl Store {
 
     /// Deletes a subscription and ends its waiting deliveries as `failed` with `reason`, in one
     /// batch. Returns the number of deliveries ended.
-    pub fn delete_subscription(
+    pub async fn delete_subscription(
+        &self,
+        sub: &Uuid,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let (sub, reason) = (*sub, reason.to_string());
+        self.exclusively(move |s| s.delete_subscription_now(&sub, &reason, now_ms))
+            .await
+    }
+
+    fn delete_subscription_now(
         &self,
         sub: &Uuid,
         reason: &str,
@@ -429,24 +504,36 @@ impl Store {
     /// Writes events with the due entries of their deliveries in one atomic batch (not yet
     /// flushed). Events sent with an idempotency key record their receipt under it in the same
     /// batch. Delivery `i` of an event goes to its `i`-th subscription (see [`delivery_id`]).
+    ///
+    /// The writes are queued in call order; the returned [`Durable`] resolves once they are
+    /// applied and flushed.
     pub fn accept(
         &self,
         events: &[StoredEvent],
         keys: &[(String, IdempotencyRecord)],
-    ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+    ) -> Result<Durable, StoreError> {
+        let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + 2 * events.len());
         for (k, record) in keys {
-            batch.insert([&[IDEMPOTENCY][..], k.as_bytes()].concat(), encode(record));
+            writes.push((
+                [&[IDEMPOTENCY][..], k.as_bytes()].concat(),
+                Some(encode(record)),
+            ));
         }
         for event in events {
-            batch.insert(key(EVENT, &event.id).as_slice(), encode_event(event)?);
+            writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
             for (i, sub) in event.subscriptions.iter().enumerate() {
                 let did = delivery_id(&event.id, i);
-                batch.insert(due_key(sub, event.received_at, &did).as_slice(), EMPTY);
+                writes.push((
+                    due_key(sub, event.received_at, &did).to_vec(),
+                    Some(Vec::new()),
+                ));
             }
         }
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Durable(writes, tx))
+            .map_err(|_| StoreError::FlusherGone)?;
+        Ok(Durable(rx))
     }
 
     /// The first receipt of an idempotency key, if one was recorded.
@@ -710,34 +797,81 @@ impl Store {
     /// in the failed log when it failed; then the claim ends. `Ok(false)` when the claimed entry
     /// is gone — the delivery was ended meanwhile (its subscription deleted) — and nothing is
     /// written, so a deleted subscription never gets a due entry back.
-    pub fn record_attempt(&self, d: &Delivery, claimed_due_ms: u64) -> Result<bool, StoreError> {
+    pub async fn record_attempt(
+        &self,
+        d: &Delivery,
+        claimed_due_ms: u64,
+    ) -> Result<bool, StoreError> {
         let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
-        let result = (|| {
-            if !self.tree.contains_key(claimed.as_slice())? {
-                return Ok(false);
+        let mut writes: Vec<KeyWrite> = vec![
+            (key(DELIVERY, &d.id).to_vec(), Some(encode(d))),
+            (claimed.to_vec(), None),
+        ];
+        match d.status {
+            DeliveryStatus::Pending => {
+                let due = d.next_attempt_at.unwrap_or(0);
+                writes.push((
+                    due_key(&d.subscription_id, due, &d.id).to_vec(),
+                    Some(Vec::new()),
+                ));
             }
-            let mut batch = sled::Batch::default();
-            batch.insert(key(DELIVERY, &d.id).as_slice(), encode(d));
-            batch.remove(claimed.as_slice());
-            match d.status {
-                DeliveryStatus::Pending => {
-                    let due = d.next_attempt_at.unwrap_or(0);
-                    batch.insert(due_key(&d.subscription_id, due, &d.id).as_slice(), EMPTY);
-                }
-                DeliveryStatus::Failed => batch.insert(key(FAILED, &d.id).as_slice(), EMPTY),
-                DeliveryStatus::Delivered => {}
-            }
-            self.tree.apply_batch(batch)?;
-            Ok(true)
-        })();
-        // Released after the batch, so the lane never sees the old entry unclaimed.
-        self.release(&d.id);
-        result
+            DeliveryStatus::Failed => writes.push((key(FAILED, &d.id).to_vec(), Some(Vec::new()))),
+            DeliveryStatus::Delivered => {}
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(Write::Outcome {
+            claimed,
+            delivery: d.id,
+            writes,
+            done: tx,
+        });
+        if sent.is_err() {
+            self.release(&d.id);
+            return Err(StoreError::FlusherGone);
+        }
+        match rx.await {
+            Ok(Ok(written)) => Ok(written),
+            Ok(Err(msg)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                msg,
+            )))),
+            Err(_) => Err(StoreError::FlusherGone),
+        }
     }
 
     /// Schedules a fresh attempt of a delivery at `now_ms`, whatever its status. `Ok(None)` when
     /// there is no such delivery; an error message when an attempt is in flight.
-    pub fn redeliver(
+    pub async fn redeliver(
+        &self,
+        id: &Uuid,
+        now_ms: u64,
+    ) -> Result<Option<Result<Delivery, String>>, StoreError> {
+        let id = *id;
+        self.exclusively(move |s| s.redeliver_now(&id, now_ms))
+            .await
+    }
+
+    /// Redelivers every `failed` delivery of a subscription created at or after `since_ms`, at
+    /// `now_ms`. Returns how many were scheduled.
+    pub async fn recover(
+        &self,
+        sub: &Uuid,
+        since_ms: u64,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let sub = *sub;
+        self.exclusively(move |s| {
+            let mut n = 0;
+            for did in s.failed_since(&sub, since_ms)? {
+                if let Some(Ok(_)) = s.redeliver_now(&did, now_ms)? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    fn redeliver_now(
         &self,
         id: &Uuid,
         now_ms: u64,
@@ -794,7 +928,21 @@ impl Store {
     /// event goes with its last delivery; an event that went to no subscription goes once it
     /// was received before `bare_cutoff`. A purged delivery whose event still has others is
     /// left as a tombstone until the event goes.
-    pub fn purge_step(
+    pub async fn purge_step(
+        &self,
+        delivered_cutoff: u64,
+        failed_cutoff: u64,
+        bare_cutoff: u64,
+        from: Option<Uuid>,
+        budget: usize,
+    ) -> Result<PurgeStep, StoreError> {
+        self.exclusively(move |s| {
+            s.purge_step_now(delivered_cutoff, failed_cutoff, bare_cutoff, from, budget)
+        })
+        .await
+    }
+
+    fn purge_step_now(
         &self,
         delivered_cutoff: u64,
         failed_cutoff: u64,
@@ -897,15 +1045,145 @@ impl Store {
 
 /// The group-commit loop: every request that arrived while the previous fsync ran shares the next.
 fn group_commit(mut rx: mpsc::UnboundedReceiver<FlushRequest>) {
-    while let Some((db, first)) = rx.blocking_recv() {
-        let mut waiters = vec![first];
-        while let Ok((_, w)) = rx.try_recv() {
-            waiters.push(w);
+    while let Some((db, mut waiters)) = rx.blocking_recv() {
+        while let Ok((_, more)) = rx.try_recv() {
+            waiters.extend(more);
         }
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
         drop(db);
         for w in waiters {
             let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// Resolves once an intake batch is applied and on disk.
+pub struct Durable(oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                msg,
+            )))),
+            Err(_) => Err(StoreError::FlusherGone),
+        }
+    }
+}
+
+/// The writer thread's handles.
+struct Writer {
+    db: sled::Db,
+    tree: sled::Tree,
+    claimed: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+    flusher: mpsc::UnboundedSender<FlushRequest>,
+}
+
+impl Writer {
+    /// Applies changes as they come, every change that queued meanwhile as one batch, until
+    /// every [`Store`] is gone.
+    fn run(self, rx: std::sync::mpsc::Receiver<Write>) {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(w) => w,
+                None => match rx.recv() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                },
+            };
+            if let Write::Exclusive(f) = first {
+                f();
+                continue;
+            }
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(Write::Exclusive(f)) => {
+                        next = Some(Write::Exclusive(f));
+                        break;
+                    }
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
+                }
+            }
+            self.apply(group);
+        }
+    }
+
+    fn apply(&self, group: Vec<Write>) {
+        let mut batch = sled::Batch::default();
+        let mut durable = Vec::new();
+        let mut outcomes = Vec::new();
+        let put = |batch: &mut sled::Batch, writes: Vec<KeyWrite>| {
+            for (k, v) in writes {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+        };
+        for w in group {
+            match w {
+                Write::Durable(writes, done) => {
+                    put(&mut batch, writes);
+                    durable.push(done);
+                }
+                Write::Outcome {
+                    claimed,
+                    delivery,
+                    writes,
+                    done,
+                } => {
+                    // The entry was there when the claim was made; only an exclusive change
+                    // (a deleted subscription) removes it meanwhile, never a change of this group.
+                    let exists = self.tree.contains_key(claimed.as_slice());
+                    let exists = match exists {
+                        Ok(true) => {
+                            put(&mut batch, writes);
+                            Ok(true)
+                        }
+                        Ok(false) => Ok(false),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    outcomes.push((delivery, exists, done));
+                }
+                Write::Exclusive(_) => unreachable!("exclusive changes run alone"),
+            }
+        }
+        let applied = self.tree.apply_batch(batch).map_err(|e| e.to_string());
+        {
+            // Released after the batch, so a lane never sees an old entry unclaimed.
+            let mut claimed = self.claimed.lock().expect("claimed set lock poisoned");
+            for (delivery, _, _) in &outcomes {
+                claimed.remove(delivery);
+            }
+        }
+        for (_, exists, done) in outcomes {
+            let _ = done.send(match &applied {
+                Ok(()) => exists,
+                Err(e) => Err(e.clone()),
+            });
+        }
+        if durable.is_empty() {
+            return;
+        }
+        match applied {
+            Ok(()) => {
+                if let Err(mpsc::error::SendError((_, waiters))) =
+                    self.flusher.send((self.db.clone(), durable))
+                {
+                    for w in waiters {
+                        let _ = w.send(Err("storage flusher has stopped".into()));
+                    }
+                }
+            }
+            Err(e) => {
+                for w in durable {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
         }
     }
 }

@@ -609,7 +609,8 @@ impl Registry {
         drop(self.intake_gate.write().await);
         let ended = self
             .store
-            .delete_subscription(id, "subscription deleted", now_ms())?;
+            .delete_subscription(id, "subscription deleted", now_ms())
+            .await?;
         self.metrics.pending_changed(-(ended as i64));
         self.store.flush().await?;
         Ok(())
