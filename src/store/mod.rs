@@ -1147,3 +1147,262 @@ impl Writer {
 
 /// Shared ownership of the store for the engine and the API.
 pub type SharedStore = Arc<Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(subs: &[Uuid], at: u64) -> StoredEvent {
+        StoredEvent {
+            id: new_event_id(),
+            received_at: at,
+            name: "add_lead".into(),
+            event: json!({"event": "add_lead", "data": {"id": 7, "name": "Deal"}}),
+            subscriptions: subs.to_vec(),
+        }
+    }
+
+    fn ended(mut d: Delivery, status: DeliveryStatus, at: u64) -> Delivery {
+        d.status = status;
+        d.next_attempt_at = None;
+        d.ended_at = Some(at);
+        d
+    }
+
+    async fn claim_and_record(store: &Store, d: &Delivery, due_ms: u64) -> bool {
+        let due = Due {
+            subscription: d.subscription_id,
+            due_ms,
+            delivery: d.id,
+        };
+        assert!(store.claim(&due).unwrap());
+        store.record_attempt(d, due_ms).await.unwrap()
+    }
+
+    #[test]
+    fn delivery_ids_name_their_event_and_index() {
+        let e = new_event_id();
+        assert_eq!(event_of(&e), None, "an event id names no delivery");
+        for i in [0, 1, 99, MAX_DELIVERIES_PER_EVENT - 1] {
+            let d = delivery_id(&e, i);
+            assert_ne!(d, e);
+            assert_eq!(event_of(&d), Some((e, i)));
+        }
+        // Time ordered like their event.
+        assert_eq!(
+            uuid_ms(delivery_id(&e, 3).as_bytes()),
+            uuid_ms(e.as_bytes())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_record_keeps_its_event_and_subscriptions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let e = event(&[a, b], 1_000);
+        store
+            .accept(std::slice::from_ref(&e), &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let back = store.event(&e.id).unwrap().unwrap();
+        assert_eq!(back.received_at, 1_000);
+        assert_eq!(back.name, "add_lead");
+        assert_eq!(back.event, e.event);
+        assert_eq!(back.subscriptions, vec![a, b]);
+        // Its deliveries are pending and due at its arrival, one in each lane.
+        let d1 = store.delivery(&delivery_id(&e.id, 1)).unwrap().unwrap();
+        assert_eq!(d1.subscription_id, b);
+        assert_eq!(d1.status, DeliveryStatus::Pending);
+        assert_eq!(d1.created_at, 1_000);
+        assert_eq!(store.next_due(&b).unwrap().unwrap().delivery, d1.id);
+        assert!(store.delivery(&delivery_id(&e.id, 2)).unwrap().is_none());
+        assert_eq!(store.count_pending_before(u64::MAX), 2);
+    }
+
+    #[tokio::test]
+    async fn outcomes_move_a_delivery_between_the_due_index_and_the_failed_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let e = event(&[sub], 1_000);
+        store
+            .accept(std::slice::from_ref(&e), &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let mut d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+        // A retry: due later, still pending.
+        d.next_attempt_at = Some(5_000);
+        assert!(claim_and_record(&store, &d, 1_000).await);
+        let due = store.next_due(&sub).unwrap().unwrap();
+        assert_eq!((due.delivery, due.due_ms), (d.id, 5_000));
+        assert!(!store.is_in_flight(&d.id));
+        // The last attempt fails: out of the due index, into the failed log.
+        let d = ended(d, DeliveryStatus::Failed, 6_000);
+        assert!(claim_and_record(&store, &d, 5_000).await);
+        assert!(store.next_due(&sub).unwrap().is_none());
+        assert_eq!(store.failed_since(&sub, 0).unwrap(), vec![d.id]);
+        let failed = store
+            .deliveries(&DeliveryQuery {
+                status: Some(StatusFilter::Failed),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(failed.deliveries.len(), 1);
+        // Recovered: pending again, out of the failed log.
+        assert_eq!(store.recover(&sub, 0, 7_000).await.unwrap(), 1);
+        assert!(store.failed_since(&sub, 0).unwrap().is_empty());
+        assert_eq!(store.next_due(&sub).unwrap().unwrap().due_ms, 7_000);
+        assert_eq!(store.count_pending_before(u64::MAX), 1);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_whose_due_entry_is_gone_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let e = event(&[sub], 1_000);
+        store
+            .accept(std::slice::from_ref(&e), &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+        let due = store.next_due(&sub).unwrap().unwrap();
+        assert!(store.claim(&due).unwrap());
+        assert_eq!(
+            store
+                .delete_subscription(&sub, "gone", 2_000)
+                .await
+                .unwrap(),
+            1
+        );
+        let late = ended(d.clone(), DeliveryStatus::Delivered, 2_500);
+        assert!(!store.record_attempt(&late, 1_000).await.unwrap());
+        let now = store.delivery(&d.id).unwrap().unwrap();
+        assert_eq!(now.status, DeliveryStatus::Failed);
+        assert_eq!(now.error.as_deref(), Some("gone"));
+        assert!(store.next_due(&sub).unwrap().is_none());
+        assert!(!store.is_in_flight(&d.id), "the claim ends all the same");
+    }
+
+    #[tokio::test]
+    async fn the_log_pages_newest_first_across_events_with_several_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let subs: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let mut events = Vec::new();
+        for at in 0..4u64 {
+            let e = event(&subs, 1_000 + at);
+            store
+                .accept(std::slice::from_ref(&e), &[])
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            events.push(e);
+        }
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store
+                .deliveries(&DeliveryQuery {
+                    before,
+                    limit: 5,
+                    ..Default::default()
+                })
+                .unwrap();
+            all.extend(page.deliveries.iter().map(|d| d.id));
+            match page.next {
+                Some(c) => before = Some(c),
+                None => break,
+            }
+        }
+        let mut want: Vec<Uuid> = events
+            .iter()
+            .flat_map(|e| (0..3).map(|i| delivery_id(&e.id, i)))
+            .collect();
+        want.reverse();
+        assert_eq!(all, want, "12 deliveries, newest first, none twice");
+        // One subscription's.
+        let page = store
+            .deliveries(&DeliveryQuery {
+                subscription: Some(subs[1]),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.deliveries.len(), 4);
+        assert!(page.deliveries.iter().all(|d| d.subscription_id == subs[1]));
+    }
+
+    #[tokio::test]
+    async fn retention_purges_ended_deliveries_one_by_one_and_events_with_their_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let e = event(&[a, b], 1_000);
+        let bare = event(&[], 1_000);
+        store
+            .accept(&[e.clone(), bare.clone()], &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let da = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+        assert!(
+            claim_and_record(
+                &store,
+                &ended(da.clone(), DeliveryStatus::Delivered, 2_000),
+                1_000
+            )
+            .await
+        );
+        // Past the delivered retention, while its sibling waits: only the delivered one goes.
+        let far = new_event_id();
+        let cutoff = uuid_ms(far.as_bytes()) + 1;
+        let step = store.purge_step(3_000, 1, 1, None, 100).await.unwrap();
+        assert_eq!(
+            step.purged, 0,
+            "the walk only reaches events received before a cutoff"
+        );
+        let step = store.purge_step(cutoff, 1, 1, None, 100).await.unwrap();
+        assert_eq!(step.purged, 1);
+        assert!(store.delivery(&da.id).unwrap().is_none());
+        assert!(store.event(&e.id).unwrap().is_some());
+        assert!(
+            store.event(&bare.id).unwrap().is_some(),
+            "kept for the longer retention"
+        );
+        // The sibling fails and goes past the failed retention: the event goes with it.
+        let db = store.delivery(&delivery_id(&e.id, 1)).unwrap().unwrap();
+        assert!(
+            claim_and_record(
+                &store,
+                &ended(db.clone(), DeliveryStatus::Failed, 2_000),
+                1_000
+            )
+            .await
+        );
+        let step = store
+            .purge_step(cutoff, cutoff, cutoff, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(step.purged, 1);
+        assert!(store.event(&e.id).unwrap().is_none());
+        assert!(store.event(&bare.id).unwrap().is_none());
+        assert!(store.delivery(&db.id).unwrap().is_none());
+        assert!(store.failed_since(&b, 0).unwrap().is_empty());
+        assert!(
+            store.tree.scan_prefix([DELIVERY]).next().is_none(),
+            "no tombstone left"
+        );
+    }
+}
