@@ -69,6 +69,9 @@ pub struct Engine {
     bodies: quick_cache::sync::Cache<(Uuid, Format), crate::payload::Body>,
 }
 
+/// How many due entries a lane reads from the index at once.
+const READ_AHEAD: usize = 64;
+
 /// How many encoded bodies the engine keeps (a few MiB at most).
 const BODY_CACHE: usize = 8192;
 
@@ -167,6 +170,9 @@ impl Engine {
 
     async fn run_lane(self: Arc<Self>, id: Uuid, wake: Arc<Notify>, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.settings.per_subscription));
+        // Due entries read ahead from the index: one scan serves many attempts. An entry that
+        // went meanwhile (its subscription's deletion, a redelivery) fails its claim.
+        let mut ahead: VecDeque<store::Due> = VecDeque::new();
         loop {
             if stop.is_cancelled() {
                 return;
@@ -185,7 +191,14 @@ impl Engine {
                 s = slots.clone().acquire_owned() => s.expect("lane semaphore is never closed"),
                 _ = stop.cancelled() => return,
             };
-            let due = match self.store.next_due(&id) {
+            let due = match ahead.pop_front() {
+                Some(d) => Ok(Some(d)),
+                None => self.store.due_entries(&id, READ_AHEAD).map(|entries| {
+                    ahead.extend(entries);
+                    ahead.pop_front()
+                }),
+            };
+            let due = match due {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(subscription = %id, error = %e, "reading the due index failed");
@@ -207,6 +220,8 @@ impl Engine {
                 }
                 Some(d) if d.due_ms > now => {
                     drop(slot);
+                    // Entries earlier than these may come while the lane sleeps: read afresh.
+                    ahead.clear();
                     let wait = Duration::from_millis(d.due_ms - now);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}

@@ -734,10 +734,18 @@ impl Store {
 
     /// The earliest due entry of a subscription's lane that is not in flight.
     pub fn next_due(&self, sub: &Uuid) -> Result<Option<Due>, StoreError> {
+        Ok(self.due_entries(sub, 1)?.pop())
+    }
+
+    /// The earliest `max` due entries of a subscription's lane that are not in flight, earliest
+    /// first.
+    pub fn due_entries(&self, sub: &Uuid, max: usize) -> Result<Vec<Due>, StoreError> {
         let mut p = [0u8; 17];
         p[0] = DUE;
         p[1..].copy_from_slice(sub.as_bytes());
-        // Entries in flight keep their place at the front: at most a lane's slots are skipped.
+        let mut out = Vec::new();
+        // Entries in flight keep their place at the front: at most a lane's slots (and the
+        // outcomes on their way to the writer) are skipped.
         for r in self.tree.scan_prefix(p) {
             let (k, _) = r?;
             let delivery = uuid_at(&k, 25);
@@ -746,13 +754,16 @@ impl Store {
             }
             let mut ms = [0u8; 8];
             ms.copy_from_slice(&k[17..25]);
-            return Ok(Some(Due {
+            out.push(Due {
                 subscription: *sub,
                 due_ms: u64::from_be_bytes(ms),
                 delivery,
-            }));
+            });
+            if out.len() >= max {
+                break;
+            }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
