@@ -6,10 +6,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use webhook_dispatcher::Dispatcher;
@@ -77,6 +79,9 @@ struct Script {
     queue: Arc<Mutex<VecDeque<Answer>>>,
     then: u16,
     delay: Duration,
+    /// Whether only the first request waits `delay`.
+    only_first: bool,
+    answered: Arc<AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -90,6 +95,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<Received>>>,
     script: Script,
+    /// TCP connections accepted so far.
+    accepted: Arc<AtomicUsize>,
 }
 
 async fn receive(
@@ -111,7 +118,8 @@ async fn receive(
         .unwrap()
         .pop_front()
         .unwrap_or((st.script.then, vec![]));
-    if !st.script.delay.is_zero() {
+    let nth = st.script.answered.fetch_add(1, Ordering::SeqCst);
+    if !st.script.delay.is_zero() && (!st.script.only_first || nth == 0) {
         tokio::time::sleep(st.script.delay).await;
     }
     let mut resp = (
@@ -140,24 +148,32 @@ impl Receiver {
     }
 
     pub async fn with_headers(first: Vec<(u16, Vec<(String, String)>)>, then: u16) -> Receiver {
-        Receiver::build(first, then, Duration::ZERO).await
+        Receiver::build(first, then, Duration::ZERO, false).await
     }
 
     /// Answers `status` after `delay`.
     pub async fn slow(status: u16, delay: Duration) -> Receiver {
-        Receiver::build(vec![], status, delay).await
+        Receiver::build(vec![], status, delay, false).await
+    }
+
+    /// Answers `status`, the first request after `delay` and the others at once.
+    pub async fn slow_first(status: u16, delay: Duration) -> Receiver {
+        Receiver::build(vec![], status, delay, true).await
     }
 
     async fn build(
         first: Vec<(u16, Vec<(String, String)>)>,
         then: u16,
         delay: Duration,
+        only_first: bool,
     ) -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let script = Script {
             queue: Arc::new(Mutex::new(first.into_iter().collect())),
             then,
             delay,
+            only_first,
+            answered: Arc::new(AtomicUsize::new(0)),
         };
         let app = axum::Router::new()
             .fallback(receive)
@@ -165,10 +181,26 @@ impl Receiver {
                 log: log.clone(),
                 script: script.clone(),
             });
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let count = move |_: &mut tokio::net::TcpStream| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let listener = listener.tap_io(count);
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { addr, log, script }
+        Receiver {
+            addr,
+            log,
+            script,
+            accepted,
+        }
+    }
+
+    /// How many TCP connections the receiver has accepted.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {
