@@ -1,9 +1,10 @@
 //! The SSRF guard: destinations in private, loopback, link-local, CGNAT, multicast, reserved and
 //! IPv6 unique-local ranges are refused unless inside an `allow_private` CIDR (SPEC §3 `[delivery]`).
 //!
-//! It is applied at subscribe time and again at connect time: [`GuardedResolver`] is the HTTP
-//! client's DNS resolver, so a name that resolves to a refused address never gets a connection, and
-//! literal IP destinations are checked before each request.
+//! It is applied at subscribe time and again at connect time: the lanes' connections are dialled
+//! only to addresses [`Guard::resolve`] lets through (and [`GuardedResolver`] is the DNS resolver
+//! of the HTTP client used with an egress proxy), so a name that resolves to a refused address
+//! never gets a connection, and literal IP destinations are checked before each request.
 
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -141,6 +142,35 @@ impl Guard {
         }
     }
 
+    /// Resolves a name with the system resolver and keeps only the allowed addresses; refused
+    /// when none is left (naming a refused address, if there was one).
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+        let addrs =
+            tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| GuardError::Resolve {
+                    host: host.to_string(),
+                    message: e.to_string(),
+                })?;
+        let mut refused = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .filter(|a| match self.check_ip(a.ip()) {
+                Ok(()) => true,
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(refused.unwrap_or(GuardError::Resolve {
+                host: host.to_string(),
+                message: "no addresses".into(),
+            }));
+        }
+        Ok(allowed)
+    }
+
     /// The literal IP of a URL's host, if it is one (the resolver is not asked for those).
     pub fn literal_ip(url: &url::Url) -> Option<IpAddr> {
         match url.host()? {
@@ -160,35 +190,11 @@ impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let guard = self.guard.clone();
         Box::pin(async move {
-            let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            let addrs = guard
+                .resolve(name.as_str(), 0)
                 .await
-                .map_err(|e| {
-                    Box::new(GuardError::Resolve {
-                        host: host.clone(),
-                        message: e.to_string(),
-                    }) as Box<dyn std::error::Error + Send + Sync>
-                })?
-                .collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match guard.check_ip(a.ip()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        refused = Some(e);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let err = refused.unwrap_or(GuardError::Resolve {
-                    host,
-                    message: "no addresses".into(),
-                });
-                return Err(Box::new(err) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
 }
