@@ -2,11 +2,18 @@
 //!
 //! Code 0 stands for no HTTP answer (connect error, TLS error, timeout, reset). Redirects are not
 //! followed. The first 1 KiB of the answer's body is kept for the delivery log.
+//!
+//! An attempt goes out over its lane slot's own HTTP/1.1 connection ([`super::conn`]), which
+//! caps a subscription's connections at `per_subscription`. With `delivery.proxy` set, attempts
+//! go through one shared reqwest client instead (its pool, without that hard cap).
 
+use super::conn::{ConnectError, Dialer, Origin, Slot};
 use super::guard::{Guard, GuardedResolver};
 use super::signature;
 use crate::store::Subscription;
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -28,14 +35,44 @@ pub struct AttemptOutcome {
     pub retry_after: Option<Duration>,
 }
 
-/// Builds the shared HTTP client: connection pooling, no redirects, the guarded resolver.
+/// How attempts reach receivers.
+pub enum Client {
+    /// Each lane slot dials and keeps its own connection.
+    Direct {
+        dialer: Dialer,
+        user_agent: HeaderValue,
+    },
+    /// Through `delivery.proxy`, with one shared reqwest client.
+    Proxied(reqwest::Client),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Reqwest(#[from] reqwest::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("delivery.user_agent is not a valid header value")]
+    UserAgent,
+}
+
+/// Builds how attempts are sent: over the lanes' own connections, or with an egress proxy over a
+/// shared reqwest client (connection pooling, no redirects, the guarded resolver).
 pub fn build_client(
     guard: Arc<Guard>,
     user_agent: &str,
     max_idle_per_host: usize,
     proxy: Option<&url::Url>,
-) -> Result<reqwest::Client, reqwest::Error> {
-    let mut b = reqwest::Client::builder()
+) -> Result<Client, BuildError> {
+    let Some(proxy) = proxy else {
+        return Ok(Client::Direct {
+            dialer: Dialer::new(guard)?,
+            user_agent: HeaderValue::from_str(user_agent).map_err(|_| BuildError::UserAgent)?,
+        });
+    };
+    // A pool may dial a new connection while a finished one is still on its way back to it, so
+    // through a proxy the per-subscription connection cap is not a hard one.
+    let client = reqwest::Client::builder()
         .user_agent(user_agent)
         .redirect(reqwest::redirect::Policy::none())
         // Subscriptions often share a host (a CRM's one webhook endpoint): keep as many idle
@@ -43,12 +80,10 @@ pub fn build_client(
         .pool_max_idle_per_host(max_idle_per_host.max(1))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
-        .dns_resolver(Arc::new(GuardedResolver { guard }));
-    b = match proxy {
-        Some(p) => b.proxy(reqwest::Proxy::all(p.as_str())?),
-        None => b.no_proxy(),
-    };
-    b.build()
+        .dns_resolver(Arc::new(GuardedResolver { guard }))
+        .proxy(reqwest::Proxy::all(proxy.as_str())?)
+        .build()?;
+    Ok(Client::Proxied(client))
 }
 
 /// The request of one attempt.
@@ -62,53 +97,280 @@ pub struct AttemptRequest<'a> {
     pub timeout: Duration,
 }
 
-/// Sends one attempt and never fails: every problem becomes code 0 with an error text.
+/// Sends one attempt over `slot`'s connection (dialling one when the slot has none open) and
+/// never fails: every problem becomes code 0 with an error text.
 pub async fn send(
-    client: &reqwest::Client,
+    client: &Client,
     guard: &Guard,
+    slot: &mut Slot,
     req: AttemptRequest<'_>,
 ) -> AttemptOutcome {
     let started = Instant::now();
-    let no_answer = |error: String, started: Instant| AttemptOutcome {
-        code: 0,
-        error: Some(error),
-        response_body: None,
-        duration: started.elapsed(),
-        retry_after: None,
-    };
-    if let Err(e) = guard.check_before_request(req.url).await {
+    let AttemptRequest {
+        sub,
+        url,
+        delivery_id,
+        content_type,
+        body,
+        timeout,
+    } = req;
+    if let Err(e) = guard.check_before_request(url).await {
         return no_answer(e.to_string(), started);
     }
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let msg_id = req.delivery_id.to_string();
-    let sig = signature::sign(&req.sub.secret, &msg_id, timestamp, &req.body);
-    let mut rb = client
-        .post(req.url.clone())
-        .timeout(req.timeout)
-        .header(reqwest::header::CONTENT_TYPE, req.content_type)
-        .header("x-request-id", Uuid::new_v4().to_string())
-        .header("webhook-id", msg_id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", sig);
-    for (k, v) in &req.sub.headers {
-        rb = rb.header(k.as_str(), v.as_str());
+    let msg_id = delivery_id.to_string();
+    let sig = signature::sign(&sub.secret, &msg_id, timestamp, &body);
+    let out = Outgoing {
+        sub,
+        url,
+        headers: [
+            ("content-type", content_type),
+            ("x-request-id", Uuid::new_v4().to_string()),
+            ("webhook-id", msg_id),
+            ("webhook-timestamp", timestamp.to_string()),
+            ("webhook-signature", sig),
+        ],
+        body,
+        timeout,
+        started,
+    };
+    match client {
+        Client::Direct { dialer, user_agent } => send_direct(dialer, user_agent, slot, out).await,
+        Client::Proxied(client) => send_proxied(client, out).await,
     }
-    let mut resp = match rb.body(req.body).send().await {
+}
+
+/// An attempt's request, signed, ready to go out.
+struct Outgoing<'a> {
+    sub: &'a Subscription,
+    url: &'a url::Url,
+    /// The protocol's own headers (SPEC §7), before the subscription's.
+    headers: [(&'static str, String); 5],
+    body: Bytes,
+    timeout: Duration,
+    started: Instant,
+}
+
+fn no_answer(error: String, started: Instant) -> AttemptOutcome {
+    AttemptOutcome {
+        code: 0,
+        error: Some(error),
+        response_body: None,
+        duration: started.elapsed(),
+        retry_after: None,
+    }
+}
+
+fn timeout_text(timeout: Duration) -> String {
+    format!(
+        "timeout: no answer within {}",
+        humantime::format_duration(timeout)
+    )
+}
+
+/// What stopped a direct attempt before an answer.
+enum Failure {
+    Connect(ConnectError),
+    Request(hyper::Error),
+}
+
+/// Sends an attempt over the slot's connection. The per-attempt timeout covers everything from
+/// the connect to the end of the body; on expiry the connection is dropped (closed).
+async fn send_direct(
+    dialer: &Dialer,
+    user_agent: &HeaderValue,
+    slot: &mut Slot,
+    out: Outgoing<'_>,
+) -> AttemptOutcome {
+    let Outgoing {
+        sub,
+        url,
+        headers,
+        body,
+        timeout,
+        started,
+    } = out;
+    let deadline = tokio::time::Instant::from_std(started) + timeout;
+    let Some(origin) = Origin::of(url) else {
+        return no_answer("bad destination URL: not http(s)".into(), started);
+    };
+    let request = match build_request(url, user_agent, headers, sub, body) {
         Ok(r) => r,
-        Err(e) => return no_answer(describe(&e, req.timeout), started),
+        Err(e) => return no_answer(format!("error: {}", innermost(&e)), started),
+    };
+    // The slot's connection if it is still open and ready, else a new one. A request that never
+    // went out on a kept connection (the receiver had just closed it) goes once more on a new one.
+    let exchange = async {
+        let mut request = request;
+        loop {
+            let kept = slot.take_ready(&origin).await;
+            let reused = kept.is_some();
+            let mut conn = match kept {
+                Some(conn) => conn,
+                None => dialer.connect(&origin).await.map_err(Failure::Connect)?,
+            };
+            match conn.sender().try_send_request(request).await {
+                Ok(resp) => return Ok((conn, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(Failure::Request(e.into_error())),
+                },
+            }
+        }
+    };
+    let (conn, resp) = match tokio::time::timeout_at(deadline, exchange).await {
+        Err(_) => return no_answer(timeout_text(timeout), started),
+        Ok(Err(Failure::Connect(e))) => {
+            return no_answer(format!("connect error: {}", innermost(&e)), started);
+        }
+        Ok(Err(Failure::Request(e))) => {
+            return no_answer(format!("request error: {}", innermost(&e)), started);
+        }
+        Ok(Ok(exchanged)) => exchanged,
     };
     let code = resp.status().as_u16();
-    let retry_after = if code == 429 || code == 503 {
-        resp.headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after)
-    } else {
-        None
+    let retry_after = retry_after(code, resp.headers());
+    let mut body = resp.into_body();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut read = 0usize;
+    let mut body_error = None;
+    let mut ended = false;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                let Ok(chunk) = frame.into_data() else {
+                    continue; // trailers
+                };
+                read += chunk.len();
+                keep_start(&mut kept, &chunk);
+                if read >= DRAINED_BODY {
+                    break;
+                }
+            }
+            Ok(None) => {
+                ended = true;
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                // The status arrived: the answer counts, whatever happened to its body.
+                body_error = Some(format!(
+                    "reading the response body: error: {}",
+                    innermost(&e)
+                ));
+                break;
+            }
+            Err(_) => {
+                body_error = Some(format!(
+                    "reading the response body: {}",
+                    timeout_text(timeout)
+                ));
+                break;
+            }
+        }
+    }
+    // Only a connection whose answer was read to its end can carry the next request; any other
+    // is dropped here, which closes it.
+    if ended {
+        slot.keep(conn);
+    }
+    AttemptOutcome {
+        code,
+        error: body_error,
+        response_body: (!kept.is_empty()).then(|| String::from_utf8_lossy(&kept).into_owned()),
+        duration: started.elapsed(),
+        retry_after,
+    }
+}
+
+/// The request of SPEC §7 in origin form, with the headers reqwest used to add (`User-Agent`,
+/// `Host`, `Accept`); hyper adds `Content-Length`.
+fn build_request(
+    url: &url::Url,
+    user_agent: &HeaderValue,
+    headers: [(&'static str, String); 5],
+    sub: &Subscription,
+    body: Bytes,
+) -> Result<http::Request<Full<Bytes>>, http::Error> {
+    let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let host = url.host_str().unwrap_or_default();
+    let host = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
     };
+    let mut rb = http::Request::post(target);
+    for (k, v) in headers {
+        rb = rb.header(k, v);
+    }
+    for (k, v) in &sub.headers {
+        rb = rb.header(k.as_str(), v.as_str());
+    }
+    let mut request = rb
+        .header(header::USER_AGENT, user_agent.clone())
+        .header(header::HOST, host)
+        .body(Full::new(body))?;
+    // reqwest's default, unless the subscription's own headers name one.
+    request
+        .headers_mut()
+        .entry(header::ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
+    Ok(request)
+}
+
+/// The `Retry-After` of a 429 or 503 answer.
+fn retry_after(code: u16, headers: &http::HeaderMap) -> Option<Duration> {
+    if code != 429 && code != 503 {
+        return None;
+    }
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
+}
+
+/// Adds the start of `chunk` to the kept start of a body, up to [`KEPT_BODY`].
+fn keep_start(kept: &mut Vec<u8>, chunk: &[u8]) {
+    if kept.len() < KEPT_BODY {
+        let take = (KEPT_BODY - kept.len()).min(chunk.len());
+        kept.extend_from_slice(&chunk[..take]);
+    }
+}
+
+/// The text of an error's innermost cause: it says what happened ("Connection refused", the
+/// guard's text).
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    last.to_string()
+}
+
+/// Sends an attempt through the egress proxy with the shared reqwest client.
+async fn send_proxied(client: &reqwest::Client, out: Outgoing<'_>) -> AttemptOutcome {
+    let Outgoing {
+        sub,
+        url,
+        headers,
+        body,
+        timeout,
+        started,
+    } = out;
+    let mut rb = client.post(url.clone()).timeout(timeout);
+    for (k, v) in headers {
+        rb = rb.header(k, v);
+    }
+    for (k, v) in &sub.headers {
+        rb = rb.header(k.as_str(), v.as_str());
+    }
+    let mut resp = match rb.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => return no_answer(describe(&e, timeout), started),
+    };
+    let code = resp.status().as_u16();
+    let retry_after = retry_after(code, resp.headers());
     let mut kept: Vec<u8> = Vec::new();
     let mut read = 0usize;
     let mut body_error = None;
@@ -116,10 +378,7 @@ pub async fn send(
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 read += chunk.len();
-                if kept.len() < KEPT_BODY {
-                    let take = (KEPT_BODY - kept.len()).min(chunk.len());
-                    kept.extend_from_slice(&chunk[..take]);
-                }
+                keep_start(&mut kept, &chunk);
                 if read >= DRAINED_BODY {
                     break;
                 }
@@ -129,7 +388,7 @@ pub async fn send(
                 // The status arrived: the answer counts, whatever happened to its body.
                 body_error = Some(format!(
                     "reading the response body: {}",
-                    describe(&e, req.timeout)
+                    describe(&e, timeout)
                 ));
                 break;
             }
@@ -144,13 +403,10 @@ pub async fn send(
     }
 }
 
-/// A short description of a transport error, without the URL (its path may hold a key).
+/// A short description of a reqwest transport error, without the URL (its path may hold a key).
 fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
-        return format!(
-            "timeout: no answer within {}",
-            humantime::format_duration(timeout)
-        );
+        return timeout_text(timeout);
     }
     let kind = if e.is_connect() {
         "connect error"
@@ -161,15 +417,8 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     } else {
         "error"
     };
-    // Walk to the innermost cause: it says what happened ("Connection refused", the guard's text).
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut last = None;
-    while let Some(s) = source {
-        last = Some(s.to_string());
-        source = s.source();
-    }
-    match last {
-        Some(cause) => format!("{kind}: {cause}"),
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{kind}: {}", innermost(cause)),
         None => kind.to_string(),
     }
 }
@@ -199,5 +448,43 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn a_direct_request_is_in_origin_form_with_the_host_and_one_accept() {
+        let sub: Subscription = serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(), "url": "", "events": [], "name": null, "format": "amocrm",
+            "retry": "amocrm", "timeout_ms": null, "enabled": true, "disabled_reason": null,
+            "created_at": 0, "updated_at": 0, "secret": "whsec_",
+            "headers": {"Accept": "application/json", "X-Api-Key": "k-1"},
+        }))
+        .unwrap();
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            ("x-request-id", "r".to_string()),
+            ("webhook-id", "i".to_string()),
+            ("webhook-timestamp", "1".to_string()),
+            ("webhook-signature", "v1,s".to_string()),
+        ];
+        let ua = HeaderValue::from_static("webhook-dispatcher/test");
+        let url = url::Url::parse("http://[::1]:9000/amo/hook?key=abc#frag").unwrap();
+        let req = build_request(&url, &ua, headers.clone(), &sub, Bytes::from("{}")).unwrap();
+        assert_eq!(req.uri(), "/amo/hook?key=abc");
+        let h = req.headers();
+        assert_eq!(h[header::HOST], "[::1]:9000");
+        assert_eq!(h[header::USER_AGENT], "webhook-dispatcher/test");
+        assert_eq!(h.get_all(header::ACCEPT).iter().count(), 1);
+        assert_eq!(h[header::ACCEPT], "application/json");
+        assert_eq!(h["x-api-key"], "k-1");
+        assert_eq!(h["webhook-signature"], "v1,s");
+        // A default port is left out of Host, an empty path is "/", and without a header of the
+        // subscription's own the Accept is reqwest's.
+        let url = url::Url::parse("https://hooks.example.com").unwrap();
+        let mut plain = sub.clone();
+        plain.headers.clear();
+        let req = build_request(&url, &ua, headers, &plain, Bytes::new()).unwrap();
+        assert_eq!(req.uri(), "/");
+        assert_eq!(req.headers()[header::HOST], "hooks.example.com");
+        assert_eq!(req.headers()[header::ACCEPT], "*/*");
     }
 }

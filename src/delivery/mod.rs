@@ -8,6 +8,7 @@
 //! retries therefore cost disk, not memory. A disabled subscription's lane holds its deliveries.
 
 pub mod attempt;
+pub mod conn;
 pub mod guard;
 pub mod retry;
 pub mod signature;
@@ -51,7 +52,7 @@ struct Lane {
 pub struct Engine {
     store: Store,
     registry: Arc<Registry>,
-    client: reqwest::Client,
+    client: attempt::Client,
     guard: Arc<Guard>,
     settings: EngineSettings,
     global: Arc<Semaphore>,
@@ -79,7 +80,7 @@ impl Engine {
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
-        client: reqwest::Client,
+        client: attempt::Client,
         guard: Arc<Guard>,
         settings: EngineSettings,
         stream: AttemptStream,
@@ -169,7 +170,8 @@ impl Engine {
     }
 
     async fn run_lane(self: Arc<Self>, id: Uuid, wake: Arc<Notify>, stop: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.settings.per_subscription));
+        // Each slot owns at most one connection to the receiver: see `conn`.
+        let slots = conn::Slots::new(self.settings.per_subscription);
         // Due entries read ahead from the index: one scan serves many attempts. An entry that
         // went meanwhile (its subscription's deletion, a redelivery) fails its claim.
         let mut ahead: VecDeque<store::Due> = VecDeque::new();
@@ -188,7 +190,7 @@ impl Engine {
                 }
             }
             let slot = tokio::select! {
-                s = slots.clone().acquire_owned() => s.expect("lane semaphore is never closed"),
+                s = slots.acquire() => s,
                 _ = stop.cancelled() => return,
             };
             let due = match ahead.pop_front() {
@@ -255,14 +257,15 @@ impl Engine {
         }
     }
 
-    /// Runs one attempt of a claimed delivery and records its outcome. `permits` (the lane's slot
-    /// and the engine's) are given back once the HTTP exchange is over: the claim keeps the
-    /// delivery from being taken again until its outcome is written.
+    /// Runs one attempt of a claimed delivery and records its outcome. `permits` (the lane's slot,
+    /// whose connection the attempt goes over, and the engine's) are given back once the HTTP
+    /// exchange is over: the claim keeps the delivery from being taken again until its outcome is
+    /// written.
     async fn attempt(
         self: &Arc<Self>,
         sub: Arc<Subscription>,
         due: store::Due,
-        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        mut permits: (conn::Slot, OwnedSemaphorePermit),
     ) {
         let delivery_id = due.delivery;
         // The event is read with the delivery unless its body is encoded already.
@@ -317,6 +320,7 @@ impl Engine {
                 attempt::send(
                     &self.client,
                     &self.guard,
+                    &mut permits.0,
                     AttemptRequest {
                         sub: &sub,
                         url: &url,
