@@ -60,7 +60,7 @@ async fn wait_delivered(server: &TestServer, n: usize) {
 /// connection of a finished attempt was not back in the pool yet, so the next one dialled). The
 /// race needs the busy start, so a few daemons are started in turn; none may ever exceed the cap.
 async fn deliveries_stay_within_the_cap(per_subscription: usize) {
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 12;
     const DELIVERIES: usize = 256;
     let mut accepted = Vec::new();
     for _ in 0..ROUNDS {
