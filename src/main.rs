@@ -11,11 +11,6 @@ use std::process::ExitCode;
 use webhook_dispatcher::Dispatcher;
 use webhook_dispatcher::config::{Config, LogFormat};
 
-/// mimalloc: the daemon allocates many short-lived buffers on several threads (requests, sled
-/// nodes); measured, glibc's malloc took about a sixth of the daemon's CPU under load.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "dispatcher",
