@@ -31,16 +31,23 @@ impl Knobs {
     pub fn describe(&self) -> String {
         format!(
             "delivery.per_subscription = {}, delivery.concurrency = {}, delivery.timeout = {}, \
-             log.level = {} (stderr to {}), allow_private = 127.0.0.0/8, durable intake (202 after fsync) \
-             as always, every other key at its default",
+             log.level = {} (stderr to {}), allow_private = 127.0.0.0/8, disable = more than {} failed \
+             attempts within 1s (the backlog fails a million on purpose), durable intake (202 after fsync) as always, \
+             every other key at its default",
             self.per_subscription,
             self.concurrency,
             self.timeout,
             self.log_level,
-            "/dev/null unless --daemon-log"
+            "/dev/null unless --daemon-log",
+            DISABLE_THRESHOLD,
         )
     }
 }
+
+/// The disable rule of every bench daemon: more than this many failed attempts within 1 s. The
+/// backlog scenario fails a million attempts of one subscription on purpose, which amoCRM's rule
+/// (more than 100 in 2 h) would stop; a 1 s window keeps the rule's memory of them small.
+pub const DISABLE_THRESHOLD: u32 = 1_000_000;
 
 /// The config file of one daemon: `listen` (`127.0.0.1:0`, or a fixed address for a restart),
 /// storage under the scenario's temp dir, and custom policies `(name, after)` of one step each.
@@ -52,11 +59,13 @@ pub fn config_toml(
 ) -> String {
     let mut s = format!(
         "[server]\nlisten = \"{listen}\"\n\n[storage]\npath = {:?}\n\n[delivery]\ntimeout = \"{}\"\n\
-         concurrency = {}\nper_subscription = {}\nallow_private = [\"127.0.0.0/8\"]\n\n[log]\nlevel = \"{}\"\n",
+         concurrency = {}\nper_subscription = {}\nallow_private = [\"127.0.0.0/8\"]\n\n[disable]\nwindow = \"1s\"\nthreshold = {}\n\n\
+         [log]\nlevel = \"{}\"\n",
         storage.display().to_string(),
         knobs.timeout,
         knobs.concurrency,
         knobs.per_subscription,
+        DISABLE_THRESHOLD,
         knobs.log_level,
     );
     for (name, after) in policies {
