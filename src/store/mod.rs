@@ -685,7 +685,8 @@ impl Store {
                 continue;
             }
             let end = match first_below {
-                Some((e, index)) if e == event => index,
+                // A cursor is a client's input: an index past the event's deliveries is its end.
+                Some((e, index)) if e == event => index.min(head.len()),
                 _ => head.len(),
             };
             for index in (0..end).rev() {
@@ -1385,6 +1386,15 @@ mod tests {
             .collect();
         want.reverse();
         assert_eq!(all, want, "12 deliveries, newest first, none twice");
+        // A cursor past an event's deliveries (a client's input) starts at its last one.
+        let page = store
+            .deliveries(&DeliveryQuery {
+                before: Some(delivery_id(&events[3].id, 500)),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.deliveries.len(), 12);
         // One subscription's.
         let page = store
             .deliveries(&DeliveryQuery {
