@@ -286,7 +286,22 @@ impl TestServer {
         let toml = TestServer::config_toml(dir.path(), extra);
         let config = Config::from_toml_str(&toml, &[])
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
-        let dispatcher = Dispatcher::start(config).await.unwrap();
+        // A restart in the same process: the previous dispatcher's background tasks may still hold
+        // sled's lock for a moment after `stop` (under a loaded test run, longer than the 5 s
+        // `Store::open` itself waits).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let dispatcher = loop {
+            match Dispatcher::start(config.clone()).await {
+                Ok(d) => break d,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("starting the dispatcher: {e}"),
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
