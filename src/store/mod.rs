@@ -594,11 +594,10 @@ impl Store {
             Some(v) => Some(decode::<Delivery>(&k, &v)?),
             None => None,
         };
-        if let Some(d) = &stored
-            && !with_event
-        {
-            return Ok(Some((d.clone(), None)));
-        }
+        let stored = match stored {
+            Some(d) if !with_event => return Ok(Some((d, None))),
+            other => other,
+        };
         let Some((event_id, index)) = event_of(id) else {
             return Ok(stored.map(|d| (d, None)));
         };
