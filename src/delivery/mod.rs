@@ -243,8 +243,9 @@ impl Engine {
                     match self.store.claim(&d) {
                         Ok(true) => {
                             let engine = self.clone();
+                            let wake = wake.clone();
                             self.attempts.spawn(async move {
-                                engine.attempt(sub, d, (slot, permit)).await;
+                                engine.attempt(sub, d, (slot, permit), wake).await;
                             });
                         }
                         Ok(false) => {}
@@ -266,6 +267,7 @@ impl Engine {
         sub: Arc<Subscription>,
         due: store::Due,
         mut permits: (conn::Slot, OwnedSemaphorePermit),
+        wake: Arc<Notify>,
     ) {
         let delivery_id = due.delivery;
         // The event is read with the delivery unless its body is encoded already.
@@ -421,17 +423,10 @@ impl Engine {
         {
             tracing::error!(subscription = %sub.id, error = %e, "disabling a subscription failed");
         }
-        match self.store.record_attempt(&d, due.due_ms).await {
-            Ok(true) if d.status != DeliveryStatus::Pending => self.metrics.pending_changed(-1),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(delivery = %d.id, error = %e, "recording an attempt failed; it will be made again after a restart");
-            }
-        }
-        // Counted and shown once stored, so that what the stream shows the log shows too.
-        self.metrics
-            .attempt(outcome_kind.as_str(), outcome.code, outcome.duration);
-        self.stream.publish(AttemptEvent {
+        // What follows the write runs on the writer thread once the outcome is stored (so what
+        // the stream shows the log shows too); no task waits for it.
+        let engine = self.clone();
+        let event = self.stream.has_readers().then(|| AttemptEvent {
             at: crate::api::rfc3339(ended),
             delivery_id: d.id,
             event_id: d.event_id,
@@ -446,9 +441,30 @@ impl Engine {
             outcome: outcome_kind,
             next_attempt_at,
         });
-        if d.status == DeliveryStatus::Pending {
-            self.wake(&sub.id);
-        }
+        let (code, duration, status, id) = (outcome.code, outcome.duration, d.status, d.id);
+        self.store.record_attempt_then(
+            &d,
+            due.due_ms,
+            Box::new(move |written| {
+                match written {
+                    Ok(true) if status != DeliveryStatus::Pending => {
+                        engine.metrics.pending_changed(-1)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(delivery = %id, error = %e, "recording an attempt failed; it will be made again after a restart");
+                    }
+                }
+                engine.metrics.attempt(outcome_kind.as_str(), code, duration);
+                if let Some(event) = event {
+                    engine.stream.publish(event);
+                }
+                if status == DeliveryStatus::Pending {
+                    // Its next due entry is written: the lane may have to wake earlier for it.
+                    wake.notify_one();
+                }
+            }),
+        );
     }
 
     /// The disable rule (SPEC §6): notes a failed attempt that ended at `at`, the latest attempt

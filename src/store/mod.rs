@@ -159,17 +159,22 @@ enum Write {
     /// Intake, or a flush (no writes): answered once applied and flushed.
     Durable(Vec<KeyWrite>, oneshot::Sender<Result<(), String>>),
     /// An attempt's outcome, applied only while the due entry `claimed` it was claimed by still
-    /// exists; answered with whether it did. The claim of `delivery` ends once it is applied.
+    /// exists; `done` is called on the writer thread with whether it did. The claim of
+    /// `delivery` ends once it is applied.
     Outcome {
         claimed: [u8; 41],
         delivery: Uuid,
         writes: Vec<KeyWrite>,
-        done: oneshot::Sender<Result<bool, String>>,
+        done: OutcomeDone,
     },
     /// Reads and writes of its own (deleting a subscription, redelivery, retention), run alone
     /// once everything queued before it is applied.
     Exclusive(Box<dyn FnOnce() + Send>),
 }
+
+/// What runs on the writer thread once an attempt's outcome is applied: `Ok(true)` when it was
+/// written, `Ok(false)` when its claimed due entry was gone and nothing was.
+pub type OutcomeDone = Box<dyn FnOnce(Result<bool, StoreError>) + Send>;
 
 /// sled's cache (see [`Store::open`]).
 const CACHE_BYTES: u64 = 4 * 1024 * 1024;
@@ -821,6 +826,21 @@ impl Store {
         d: &Delivery,
         claimed_due_ms: u64,
     ) -> Result<bool, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.record_attempt_then(
+            d,
+            claimed_due_ms,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.await.unwrap_or(Err(StoreError::WriterGone))
+    }
+
+    /// [`Store::record_attempt`] without waiting: `done` is called with its result on the writer
+    /// thread once the outcome is applied (or at once, on the caller's thread, when the writer
+    /// is gone). No task waits for the write, so an attempt costs no wake-up for it.
+    pub fn record_attempt_then(&self, d: &Delivery, claimed_due_ms: u64, done: OutcomeDone) {
         let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
         let mut writes: Vec<KeyWrite> = vec![
             (key(DELIVERY, &d.id).to_vec(), Some(encode(d))),
@@ -837,23 +857,15 @@ impl Store {
             DeliveryStatus::Failed => writes.push((key(FAILED, &d.id).to_vec(), Some(Vec::new()))),
             DeliveryStatus::Delivered => {}
         }
-        let (tx, rx) = oneshot::channel();
         let sent = self.writer.send(Write::Outcome {
             claimed,
             delivery: d.id,
             writes,
-            done: tx,
+            done,
         });
-        if sent.is_err() {
+        if let Err(std::sync::mpsc::SendError(Write::Outcome { done, .. })) = sent {
             self.release(&d.id);
-            return Err(StoreError::WriterGone);
-        }
-        match rx.await {
-            Ok(Ok(written)) => Ok(written),
-            Ok(Err(msg)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
-                msg,
-            )))),
-            Err(_) => Err(StoreError::WriterGone),
+            done(Err(StoreError::WriterGone));
         }
     }
 
@@ -1075,12 +1087,15 @@ impl Durable {
     pub async fn wait(self) -> Result<(), StoreError> {
         match self.0.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(msg)) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
-                msg,
-            )))),
+            Ok(Err(msg)) => Err(writer_error(&msg)),
             Err(_) => Err(StoreError::WriterGone),
         }
     }
+}
+
+/// A sled error the writer met, as its message (the writer answers many with one error).
+fn writer_error(msg: &str) -> StoreError {
+    StoreError::Sled(sled::Error::Io(std::io::Error::other(msg.to_string())))
 }
 
 /// The writer thread's handles.
@@ -1182,9 +1197,9 @@ impl Writer {
             }
         }
         for (_, exists, done) in outcomes {
-            let _ = done.send(match &applied {
-                Ok(()) => exists,
-                Err(e) => Err(e.clone()),
+            done(match (&applied, &exists) {
+                (Ok(()), Ok(written)) => Ok(*written),
+                (Err(e), _) | (_, Err(e)) => Err(writer_error(e)),
             });
         }
         if durable.is_empty() {
