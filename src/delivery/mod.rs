@@ -6,6 +6,11 @@
 //! lane sleeps until the earliest due time of its subscription (one timer per subscription, none
 //! per pending retry), and is woken early when intake or an attempt adds a due entry. Pending
 //! retries therefore cost disk, not memory. A disabled subscription's lane holds its deliveries.
+//!
+//! A lane claims due deliveries and queues them for its workers, at most `per_subscription`
+//! long-lived tasks that run attempts one after another: no task, timer or thread hand-off exists
+//! per delivery beyond the attempt's own request timeout. An attempt's outcome is finished on the
+//! store's writer thread once written (metrics, the live stream, waking the lane).
 
 pub mod attempt;
 pub mod conn;
@@ -68,6 +73,26 @@ pub struct Engine {
     started: std::sync::atomic::AtomicBool,
     /// Encoded bodies of recent events, by event and format.
     bodies: quick_cache::sync::Cache<(Uuid, Format), crate::payload::Body>,
+}
+
+/// A claimed delivery waiting for one of its lane's workers, with the slot and the engine permit
+/// it holds.
+struct Job {
+    sub: Arc<Subscription>,
+    due: store::Due,
+    permits: (conn::Slot, OwnedSemaphorePermit),
+}
+
+/// The workers of a lane: long-lived tasks (at most `per_subscription`, started as the lane first
+/// needs them) that run its attempts one after another, so an attempt costs no task of its own.
+struct Workers {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Notify,
+    /// Workers started, and those waiting for a job.
+    started: std::sync::atomic::AtomicUsize,
+    idle: std::sync::atomic::AtomicUsize,
+    /// Cancelled when the lane ends: the workers run what is queued, then end.
+    closed: CancellationToken,
 }
 
 /// How many due entries a lane reads from the index at once.
@@ -175,6 +200,14 @@ impl Engine {
         // Due entries read ahead from the index: one scan serves many attempts. An entry that
         // went meanwhile (its subscription's deletion, a redelivery) fails its claim.
         let mut ahead: VecDeque<store::Due> = VecDeque::new();
+        let workers = Arc::new(Workers {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            started: 0.into(),
+            idle: 0.into(),
+            closed: CancellationToken::new(),
+        });
+        let _close = workers.closed.clone().drop_guard();
         loop {
             if stop.is_cancelled() {
                 return;
@@ -242,17 +275,62 @@ impl Engine {
                     }
                     match self.store.claim(&d) {
                         Ok(true) => {
-                            let engine = self.clone();
-                            let wake = wake.clone();
-                            self.attempts.spawn(async move {
-                                engine.attempt(sub, d, (slot, permit), wake).await;
-                            });
+                            let job = Job {
+                                sub,
+                                due: d,
+                                permits: (slot, permit),
+                            };
+                            self.hand_over(&workers, job, &wake);
                         }
                         Ok(false) => {}
                         Err(e) => {
                             tracing::error!(subscription = %id, error = %e, "claiming a delivery failed");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Queues a claimed delivery for the lane's workers, starting one more if none is waiting
+    /// (a job holds a slot, so `per_subscription` workers are never short of one).
+    fn hand_over(self: &Arc<Self>, workers: &Arc<Workers>, job: Job, wake: &Arc<Notify>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        workers
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned")
+            .push_back(job);
+        if workers.idle.load(SeqCst) == 0
+            && workers.started.load(SeqCst) < self.settings.per_subscription
+        {
+            workers.started.fetch_add(1, SeqCst);
+            let (engine, workers, wake) = (self.clone(), workers.clone(), wake.clone());
+            self.attempts
+                .spawn(async move { engine.work(workers, wake).await });
+        } else {
+            workers.ready.notify_one();
+        }
+    }
+
+    /// A worker of a lane: runs queued attempts until the lane ends and nothing is queued.
+    async fn work(self: Arc<Self>, workers: Arc<Workers>, wake: Arc<Notify>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let job = workers.jobs.lock().expect("jobs lock poisoned").pop_front();
+            match job {
+                Some(job) => {
+                    self.attempt(job.sub, job.due, job.permits, wake.clone())
+                        .await
+                }
+                None if workers.closed.is_cancelled() => return,
+                None => {
+                    workers.idle.fetch_add(1, SeqCst);
+                    tokio::select! {
+                        _ = workers.ready.notified() => {}
+                        _ = workers.closed.cancelled() => {}
+                    }
+                    workers.idle.fetch_sub(1, SeqCst);
                 }
             }
         }
