@@ -39,7 +39,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-const SCENARIOS: [&str; 6] = ["baseline", "e2e", "paced", "fanout", "backlog", "isolation"];
+const SCENARIOS: [&str; 7] = [
+    "baseline",
+    "storage",
+    "e2e",
+    "paced",
+    "fanout",
+    "backlog",
+    "isolation",
+];
 
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -881,6 +889,139 @@ async fn paced(ctx: &Ctx) -> Result<Outcome> {
 // fanout
 
 const FANOUT_SUBS: usize = 100;
+
+/// The daemon's storage work alone, in this process through the library's `Store` on a temp dir:
+/// the fanout's events and deliveries taken in (durably, in requests of one event as intake does),
+/// then every delivery taken from the due index, claimed, read and recorded delivered the way the
+/// engine does it, one task per subscription and no HTTP. Its rate is what the storage allows
+/// the fanout (the writer thread applies every outcome), measured beside the baseline.
+async fn storage(ctx: &Ctx) -> Result<Outcome> {
+    use webhook_dispatcher::store::{self, Attempt, DeliveryStatus, Store, StoredEvent};
+    let n = ctx.sizes.fanout;
+    let mut o = Outcome::new(
+        "storage",
+        format!(
+            "the fanout's storage work without HTTP: {} events → {FANOUT_SUBS} subscriptions = {} deliveries taken in and recorded delivered through the library's Store, in this process",
+            int(n as f64),
+            int((n * FANOUT_SUBS) as f64)
+        ),
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("dispatcher-bench-store-")
+        .tempdir_in(&ctx.dir)?;
+    let st = Arc::new(Store::open(&dir.path().join("data"))?);
+    let subs: Vec<uuid::Uuid> = (0..FANOUT_SUBS).map(|_| uuid::Uuid::new_v4()).collect();
+    let body: serde_json::Value = serde_json::from_str(&event_json("add_lead", 1))?;
+    let cpu = || stats::proc_stat("self").map(|p| p.cpu_s).unwrap_or(0.0);
+    // Intake: `c` requests in flight, each one event with its deliveries, each awaiting its flush.
+    let (cpu0, t0) = (cpu(), Instant::now());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..ctx.opts.concurrency {
+        let (st, subs, body, next) = (st.clone(), subs.clone(), body.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < n {
+                let event = StoredEvent {
+                    id: store::new_event_id(),
+                    received_at: stats::wall_us() / 1000,
+                    name: "add_lead".into(),
+                    event: body.clone(),
+                    subscriptions: subs.clone(),
+                };
+                st.accept(&[event], &[])?.wait().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let (cpu1, intake_s) = (cpu(), t0.elapsed().as_secs_f64());
+    // Outcomes: one task per subscription, as the engine's lanes.
+    let t1 = Instant::now();
+    let mut tasks = Vec::new();
+    for sub in subs {
+        let st = st.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            loop {
+                let due = st.due_entries(&sub, 64)?;
+                if due.is_empty() {
+                    return anyhow::Ok(done);
+                }
+                let last = due.len() - 1;
+                for (i, d) in due.into_iter().enumerate() {
+                    if !st.claim(&d)? {
+                        continue;
+                    }
+                    let Some((mut dl, _)) = st.delivery_and_event(&d.delivery, false)? else {
+                        bail!("delivery {} has no record", d.delivery);
+                    };
+                    let now = stats::wall_us() / 1000;
+                    dl.attempts.push(Attempt {
+                        n: 1,
+                        started_at: now,
+                        duration_ms: 0,
+                        code: 200,
+                        error: None,
+                        response_body: None,
+                    });
+                    dl.status = DeliveryStatus::Delivered;
+                    dl.next_attempt_at = None;
+                    dl.ended_at = Some(now);
+                    done += 1;
+                    if i == last {
+                        // Written in order: once this one is, the chunk is.
+                        st.record_attempt(&dl, d.due_ms).await?;
+                    } else {
+                        st.record_attempt_then(&dl, d.due_ms, Box::new(|_| {}));
+                    }
+                }
+            }
+        }));
+    }
+    let mut recorded = 0u64;
+    for t in tasks {
+        recorded += t.await??;
+    }
+    let (cpu2, outcome_s) = (cpu(), t1.elapsed().as_secs_f64());
+    let total = (n * FANOUT_SUBS) as u64;
+    if recorded != total {
+        o.problem(format!("{recorded} of {total} deliveries were recorded"));
+    }
+    o.fig(
+        "intake_events_per_s",
+        format!(
+            "intake: events/s ({} concurrent one-event requests, each awaiting its flush; {FANOUT_SUBS} due entries each)",
+            ctx.opts.concurrency
+        ),
+        n as f64 / intake_s,
+        format!(
+            "{} ({:.0} µs of CPU per event)",
+            int(n as f64 / intake_s),
+            1e6 * (cpu1 - cpu0) / n as f64
+        ),
+    );
+    o.fig(
+        "deliveries_per_s",
+        format!(
+            "outcomes: deliveries/s recorded delivered ({FANOUT_SUBS} tasks, due entries read 64 at a time)"
+        ),
+        recorded as f64 / outcome_s,
+        int(recorded as f64 / outcome_s),
+    );
+    o.fig(
+        "cpu_us_per_delivery",
+        "outcomes: CPU µs per delivery (this process; its sink is idle meanwhile)",
+        1e6 * (cpu2 - cpu1) / recorded.max(1) as f64,
+        format!(
+            "{:.0} ({:.0}% of one core)",
+            1e6 * (cpu2 - cpu1) / recorded.max(1) as f64,
+            100.0 * (cpu2 - cpu1) / outcome_s
+        ),
+    );
+    Ok(o)
+}
 
 async fn fanout(ctx: &Ctx) -> Result<Outcome> {
     let c = ctx.opts.concurrency;
@@ -2299,6 +2440,7 @@ async fn main() -> Result<()> {
             "baseline" => baseline(&ctx).await,
             "e2e" => e2e(&ctx).await,
             "paced" => paced(&ctx).await,
+            "storage" => storage(&ctx).await,
             "fanout" => fanout(&ctx).await,
             "backlog" => backlog(&ctx).await,
             "isolation" => isolation(&ctx).await,
