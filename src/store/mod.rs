@@ -158,11 +158,10 @@ type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
 enum Write {
     /// Intake, or a flush (no writes): answered once applied and flushed.
     Durable(Vec<KeyWrite>, oneshot::Sender<Result<(), String>>),
-    /// An attempt's outcome, applied only while the due entry `claimed` it was claimed by still
-    /// exists; `done` is called on the writer thread with whether it did. The claim of
-    /// `delivery` ends once it is applied.
+    /// An attempt's outcome, applied unless the claim of `delivery` was voided (its claimed due
+    /// entry removed meanwhile); `done` is called on the writer thread with whether it was. The
+    /// claim ends once it is applied.
     Outcome {
-        claimed: [u8; 41],
         delivery: Uuid,
         writes: Vec<KeyWrite>,
         done: OutcomeDone,
@@ -212,7 +211,7 @@ pub struct Store {
     tree: sled::Tree,
     writer: std::sync::mpsc::Sender<Write>,
     /// Deliveries whose attempt is in flight; their due entries stay in sled until the outcome.
-    claimed: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+    claimed: Arc<std::sync::Mutex<Claims>>,
 }
 
 fn key(prefix: u8, id: &Uuid) -> [u8; 17] {
@@ -393,7 +392,7 @@ impl Store {
             }
         };
         let tree = db.open_tree("dispatcher")?;
-        let claimed: Arc<std::sync::Mutex<HashSet<Uuid>>> = Arc::default();
+        let claimed: Arc<std::sync::Mutex<Claims>> = Arc::default();
         let (wtx, wrx) = std::sync::mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -494,10 +493,12 @@ impl Store {
         let mut ended = 0;
         let mut p = vec![DUE];
         p.extend_from_slice(sub.as_bytes());
+        let mut void = Vec::new();
         for r in self.tree.scan_prefix(&p) {
             let (k, _) = r?;
             batch.remove(k.clone());
             let did = uuid_at(&k, k.len() - 16);
+            void.push(did);
             if let Some(mut d) = self.delivery(&did)? {
                 d.status = DeliveryStatus::Failed;
                 d.next_attempt_at = None;
@@ -509,6 +510,13 @@ impl Store {
             }
         }
         self.tree.apply_batch(batch)?;
+        // The outcomes of attempts in flight find their claimed entries gone: they write nothing.
+        let mut claimed = self.claimed_set();
+        for did in void {
+            if claimed.held.contains(&did) {
+                claimed.voided.insert(did);
+            }
+        }
         Ok(ended)
     }
 
@@ -754,10 +762,10 @@ impl Store {
 
     /// Whether an attempt of the delivery is under way.
     pub fn is_in_flight(&self, delivery: &Uuid) -> bool {
-        self.claimed_set().contains(delivery)
+        self.claimed_set().held.contains(delivery)
     }
 
-    fn claimed_set(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+    fn claimed_set(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claimed.lock().expect("claimed set lock poisoned")
     }
 
@@ -800,20 +808,22 @@ impl Store {
     /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
     pub fn claim(&self, due: &Due) -> Result<bool, StoreError> {
         let mut claimed = self.claimed_set();
-        if claimed.contains(&due.delivery)
+        if claimed.held.contains(&due.delivery)
             || !self
                 .tree
                 .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?
         {
             return Ok(false);
         }
-        claimed.insert(due.delivery);
+        claimed.held.insert(due.delivery);
         Ok(true)
     }
 
     /// Gives a claim up without an outcome (the attempt did not run).
     pub fn release(&self, delivery: &Uuid) {
-        self.claimed_set().remove(delivery);
+        let mut claimed = self.claimed_set();
+        claimed.held.remove(delivery);
+        claimed.voided.remove(delivery);
     }
 
     /// Writes an attempt's outcome: the updated delivery, the end of the due entry it was
@@ -858,7 +868,6 @@ impl Store {
             DeliveryStatus::Delivered => {}
         }
         let sent = self.writer.send(Write::Outcome {
-            claimed,
             delivery: d.id,
             writes,
             done,
@@ -912,7 +921,7 @@ impl Store {
         };
         // Held while the entry moves, so a lane cannot claim the old one meanwhile.
         let claimed = self.claimed_set();
-        if claimed.contains(&d.id) {
+        if claimed.held.contains(&d.id) {
             return Ok(Some(Err("an attempt of this delivery is in flight".into())));
         }
         let mut batch = sled::Batch::default();
@@ -1098,11 +1107,19 @@ fn writer_error(msg: &str) -> StoreError {
     StoreError::Sled(sled::Error::Io(std::io::Error::other(msg.to_string())))
 }
 
+/// Deliveries with an attempt under way, and those of them whose claimed due entry an exclusive
+/// change (a deleted subscription) removed meanwhile: their outcomes write nothing.
+#[derive(Default)]
+struct Claims {
+    held: HashSet<Uuid>,
+    voided: HashSet<Uuid>,
+}
+
 /// The writer thread's handles.
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
-    claimed: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+    claimed: Arc<std::sync::Mutex<Claims>>,
     /// Outcomes applied since memory was last given back.
     outcomes: usize,
 }
@@ -1161,23 +1178,22 @@ impl Writer {
                     durable.push(done);
                 }
                 Write::Outcome {
-                    claimed,
                     delivery,
                     writes,
                     done,
                 } => {
                     // The entry was there when the claim was made; only an exclusive change
-                    // (a deleted subscription) removes it meanwhile, never a change of this group.
-                    let exists = self.tree.contains_key(claimed.as_slice());
-                    let exists = match exists {
-                        Ok(true) => {
-                            put(&mut batch, writes);
-                            Ok(true)
-                        }
-                        Ok(false) => Ok(false),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    outcomes.push((delivery, exists, done));
+                    // (a deleted subscription) removes it meanwhile, and marks the claim void.
+                    let void = self
+                        .claimed
+                        .lock()
+                        .expect("claimed set lock poisoned")
+                        .voided
+                        .remove(&delivery);
+                    if !void {
+                        put(&mut batch, writes);
+                    }
+                    outcomes.push((delivery, Ok::<bool, String>(!void), done));
                 }
                 Write::Exclusive(_) => unreachable!("exclusive changes run alone"),
             }
@@ -1193,7 +1209,7 @@ impl Writer {
             // Released after the batch, so a lane never sees an old entry unclaimed.
             let mut claimed = self.claimed.lock().expect("claimed set lock poisoned");
             for (delivery, _, _) in &outcomes {
-                claimed.remove(delivery);
+                claimed.held.remove(delivery);
             }
         }
         for (_, exists, done) in outcomes {
