@@ -28,12 +28,14 @@
 //! the outcome replaces the entry in one batch. After a crash every claimed delivery is simply due.
 
 pub mod model;
+mod record;
 
 pub use model::{
     Attempt, Delivery, DeliveryStatus, DisabledReason, Filter, IdempotencyRecord, StoredEvent,
     Subscription,
 };
 
+use record::encode_delivery;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -240,6 +242,14 @@ fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, Store
     serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
         key: String::from_utf8_lossy(k).into_owned(),
         source,
+    })
+}
+
+/// A delivery's record (see [`record`]).
+fn delivery_record(k: &[u8], v: &[u8]) -> Result<Delivery, StoreError> {
+    record::decode_delivery(v).map_err(|message| StoreError::Malformed {
+        key: format!("d{}", Uuid::from_slice(&k[1..]).unwrap_or_default()),
+        message,
     })
 }
 
@@ -504,7 +514,7 @@ impl Store {
                 d.next_attempt_at = None;
                 d.error = Some(reason.to_string());
                 d.ended_at = Some(now_ms);
-                batch.insert(key(DELIVERY, &d.id).as_slice(), encode(&d));
+                batch.insert(key(DELIVERY, &d.id).as_slice(), encode_delivery(&d));
                 batch.insert(key(FAILED, &d.id).as_slice(), EMPTY);
                 ended += 1;
             }
@@ -604,7 +614,7 @@ impl Store {
         let k = key(DELIVERY, id);
         let stored = match self.tree.get(k)? {
             Some(v) if v == TOMBSTONE => return Ok(None),
-            Some(v) => Some(decode::<Delivery>(&k, &v)?),
+            Some(v) => Some(delivery_record(&k, &v)?),
             None => None,
         };
         let stored = match stored {
@@ -638,7 +648,7 @@ impl Store {
         let k = key(DELIVERY, &did);
         match self.tree.get(k)? {
             Some(v) if v == TOMBSTONE => Ok(None),
-            Some(v) => Ok(Some(decode(&k, &v)?)),
+            Some(v) => Ok(Some(delivery_record(&k, &v)?)),
             None => Ok(Some(head.initial(event, index))),
         }
     }
@@ -853,7 +863,7 @@ impl Store {
     pub fn record_attempt_then(&self, d: &Delivery, claimed_due_ms: u64, done: OutcomeDone) {
         let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
         let mut writes: Vec<KeyWrite> = vec![
-            (key(DELIVERY, &d.id).to_vec(), Some(encode(d))),
+            (key(DELIVERY, &d.id).to_vec(), Some(encode_delivery(d))),
             (claimed.to_vec(), None),
         ];
         match d.status {
@@ -938,7 +948,7 @@ impl Store {
         d.next_attempt_at = Some(now_ms);
         d.ended_at = None;
         d.error = None;
-        batch.insert(key(DELIVERY, &d.id).as_slice(), encode(&d));
+        batch.insert(key(DELIVERY, &d.id).as_slice(), encode_delivery(&d));
         batch.insert(due_key(&d.subscription_id, now_ms, &d.id).as_slice(), EMPTY);
         self.tree.apply_batch(batch)?;
         Ok(Some(Ok(d)))
@@ -1028,7 +1038,7 @@ impl Store {
                 if raw == TOMBSTONE {
                     continue;
                 }
-                let d: Delivery = decode(&key(DELIVERY, &did), &raw)?;
+                let d = delivery_record(&key(DELIVERY, &did), &raw)?;
                 let cutoff = match d.status {
                     DeliveryStatus::Pending => {
                         live = true;
