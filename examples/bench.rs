@@ -101,7 +101,7 @@ struct Opts {
     rss_limit_mib: u64,
     /// Backlog: the first attempts (so the retries coming due) are spread at this fraction of
     /// the calibrated attempt rate, by the sink answering them after a delay; 0 = no delay
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.3)]
     backlog_pace: f64,
 }
 
