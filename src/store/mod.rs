@@ -39,7 +39,7 @@ use record::encode_delivery;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -186,8 +186,10 @@ const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 /// Memory freed since the last trim stays resident: with a million retries coming due at
 /// ~1,600/s, a trim every 6,400 outcomes (4 s) let it reach tens of MiB. A trim takes ~3 ms
 /// (up to ~17 ms) with the heap of that run, so this bounds its cost to about 1% of a core
-/// whatever the rate.
+/// whatever the rate. The writer trims when nothing is queued, so that no intake request waits
+/// for a trim, and after [`TRIM_FORCE`] when something always was.
 const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+const TRIM_FORCE: Duration = Duration::from_secs(2);
 
 /// How long the writer waits for a change before it trims anyway (reads page sled's nodes in and
 /// out without any write), doubled after each idle trim up to [`IDLE_TRIM_MAX`].
@@ -1157,17 +1159,28 @@ impl Writer {
         loop {
             let first = match next.take() {
                 Some(w) => w,
-                None => match rx.recv_timeout(idle) {
-                    Ok(w) => {
-                        idle = IDLE_TRIM;
-                        w
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
+                None => match rx.try_recv() {
+                    Ok(w) => w,
+                    Err(TryRecvError::Disconnected) => return,
+                    // Nothing queued: a moment to give memory back that nobody waits for.
+                    Err(TryRecvError::Empty)
+                        if self.changes > 0 && self.trimmed.elapsed() >= TRIM_INTERVAL =>
+                    {
                         self.trim();
-                        idle = (idle * 2).min(IDLE_TRIM_MAX);
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => match rx.recv_timeout(idle) {
+                        Ok(w) => {
+                            idle = IDLE_TRIM;
+                            w
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.trim();
+                            idle = (idle * 2).min(IDLE_TRIM_MAX);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    },
                 },
             };
             if let Write::Exclusive(f) = first {
@@ -1240,9 +1253,6 @@ impl Writer {
         let applied = self.tree.apply_batch(batch).map_err(|e| e.to_string());
         collect_garbage(keys);
         self.changes += keys;
-        if self.changes > 0 && self.trimmed.elapsed() >= TRIM_INTERVAL {
-            self.trim();
-        }
         {
             // Released after the batch, so a lane never sees an old entry unclaimed.
             let mut claimed = self.claimed.lock().expect("claimed set lock poisoned");
@@ -1256,14 +1266,18 @@ impl Writer {
                 (Err(e), _) | (_, Err(e)) => Err(writer_error(e)),
             });
         }
-        if durable.is_empty() {
-            return;
+        if !durable.is_empty() {
+            // Flushed here rather than by another thread: changes that queue up meanwhile make
+            // the next batch larger, and the answer reaches intake one thread hop sooner.
+            let result =
+                applied.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
+            for w in durable {
+                let _ = w.send(result.clone());
+            }
         }
-        // Flushed here rather than by another thread: changes that queue up meanwhile make the
-        // next batch larger, and the answer reaches intake one thread hop sooner.
-        let result = applied.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
-        for w in durable {
-            let _ = w.send(result.clone());
+        // A writer never idle long enough to trim between batches trims after answering.
+        if self.trimmed.elapsed() >= TRIM_FORCE {
+            self.trim();
         }
     }
 }
