@@ -58,8 +58,8 @@ struct Opts {
     /// Print one JSON object on stdout instead of the table
     #[arg(long)]
     json: bool,
-    /// Scenarios to run, repeated or comma-separated: baseline, e2e, paced, fanout, backlog,
-    /// isolation (default: all)
+    /// Scenarios to run, repeated or comma-separated: baseline, storage, e2e, paced, fanout,
+    /// backlog, isolation (default: all)
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Smaller counts (backlog of 100,000) for a fast try
