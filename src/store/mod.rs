@@ -1260,11 +1260,16 @@ impl Writer {
                 claimed.held.remove(delivery);
             }
         }
-        for (_, exists, done) in outcomes {
-            done(match (&applied, &exists) {
+        for (delivery, exists, done) in outcomes {
+            let result = match (&applied, &exists) {
                 (Ok(()), Ok(written)) => Ok(*written),
                 (Err(e), _) | (_, Err(e)) => Err(writer_error(e)),
-            });
+            };
+            // A caller's bug must not take the writer, and every later write, down with it.
+            let run = std::panic::AssertUnwindSafe(move || done(result));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!(%delivery, "what follows a stored outcome panicked");
+            }
         }
         if !durable.is_empty() {
             // Flushed here rather than by another thread: changes that queue up meanwhile make
@@ -1397,6 +1402,38 @@ mod tests {
         assert!(store.failed_since(&sub, 0).unwrap().is_empty());
         assert_eq!(store.next_due(&sub).unwrap().unwrap().due_ms, 7_000);
         assert_eq!(store.count_pending_before(u64::MAX), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_outcome_callback_leaves_the_writer_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let (a, b) = (event(&[sub], 1_000), event(&[sub], 1_001));
+        store
+            .accept(&[a.clone(), b.clone()], &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let due = store.due_entries(&sub, 2).unwrap();
+        assert_eq!(due.len(), 2);
+        let first = store.delivery(&due[0].delivery).unwrap().unwrap();
+        assert!(store.claim(&due[0]).unwrap());
+        store.record_attempt_then(
+            &ended(first, DeliveryStatus::Delivered, 2_000),
+            due[0].due_ms,
+            Box::new(|_| panic!("a callback's bug")),
+        );
+        // The writer outlives it: the next outcome is written and answered.
+        let second = store.delivery(&due[1].delivery).unwrap().unwrap();
+        let second = ended(second, DeliveryStatus::Delivered, 2_100);
+        assert!(claim_and_record(&store, &second, due[1].due_ms).await);
+        for d in &due {
+            let stored = store.delivery(&d.delivery).unwrap().unwrap();
+            assert_eq!(stored.status, DeliveryStatus::Delivered);
+        }
+        assert!(store.next_due(&sub).unwrap().is_none());
     }
 
     #[tokio::test]
