@@ -1467,6 +1467,63 @@ mod tests {
         assert!(!store.is_in_flight(&d.id), "the claim ends all the same");
     }
 
+    /// sled is patched (vendor/sled/PATCHED.md) to hold up to 64 small entries per leaf and to
+    /// split leaves of large ones by size: many small keys and large events among them, half
+    /// of the due entries ended (leaves merge), all read back the same after a reopen.
+    #[tokio::test]
+    async fn small_and_large_records_in_thousands_read_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let mut events = Vec::new();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for batch in 0..30u64 {
+                let mut group = Vec::new();
+                for i in 0..100u64 {
+                    let mut e = event(&[sub], 1_000 + batch * 100 + i);
+                    if i % 50 == 7 {
+                        // 12 KiB: leaves of these split by size, as stock sled's do.
+                        e.event["data"]["note"] = json!("ж".repeat(6 * 1024));
+                    }
+                    group.push(e);
+                }
+                store.accept(&group, &[]).unwrap().wait().await.unwrap();
+                events.extend(group);
+            }
+            for (n, e) in events.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
+                let d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+                let done = ended(d, DeliveryStatus::Delivered, 10_000 + n as u64);
+                assert!(claim_and_record(&store, &done, e.received_at).await);
+            }
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for (n, e) in events.iter().enumerate() {
+            let back = store.event(&e.id).unwrap().expect("every event is kept");
+            assert_eq!(back.event, e.event, "event {n}");
+            let d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+            let want = if n % 2 == 0 {
+                DeliveryStatus::Delivered
+            } else {
+                DeliveryStatus::Pending
+            };
+            assert_eq!(d.status, want, "delivery of event {n}");
+        }
+        assert_eq!(store.count_pending_before(u64::MAX), events.len() / 2);
+        let due = store.due_entries(&sub, usize::MAX).unwrap();
+        let want: Vec<Uuid> = events
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|e| delivery_id(&e.id, 0))
+            .collect();
+        assert_eq!(
+            due.iter().map(|d| d.delivery).collect::<Vec<_>>(),
+            want,
+            "the pending ones, in due order"
+        );
+    }
+
     #[tokio::test]
     async fn the_log_pages_newest_first_across_events_with_several_deliveries() {
         let dir = tempfile::tempdir().unwrap();
