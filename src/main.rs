@@ -1,6 +1,7 @@
 //! The `dispatcher` command line: parses arguments and calls the library (`serve`,
 //! `check-config`) or the daemon's HTTP API (the client commands of [`cli`]).
 
+mod alloc;
 mod cli;
 
 use clap::parser::ValueSource;
@@ -109,34 +110,10 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
-    limit_malloc_arenas();
     let config = Config::load(config.as_deref())?;
     init_logging(&config);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(config))
-}
-
-/// glibc arenas for the whole daemon, set before any thread starts.
-const MALLOC_ARENAS: i32 = 2;
-
-/// Caps glibc's malloc arenas (by default up to 8 per core, one per thread that allocates while
-/// another holds its arena). sled's pages are allocated by the threads that read them (tokio
-/// workers), by the writer and by sled's short-lived I/O threads, and each arena keeps what
-/// is freed into it for its own threads: with a million retries coming due, the free memory
-/// spread over the arenas, touched again between two trims, was most of the RSS above sled's
-/// own. With two (the cores of the machine the targets are measured on) that free memory is
-/// reused by every thread. `MALLOC_ARENA_MAX` (or the tunable) in the environment takes
-/// precedence.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
-        && !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"))
-    {
-        // SAFETY: mallopt only sets a malloc parameter; called before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
-        }
-    }
 }
 
 fn init_logging(config: &Config) {

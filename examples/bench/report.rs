@@ -130,7 +130,7 @@ impl Outcome {
     }
 }
 
-fn leak(s: String) -> &'static str {
+pub fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
