@@ -1,14 +1,14 @@
 //! The daemon's allocator: mimalloc, set to give memory back to the system as it frees it.
 //!
-//! Why mimalloc: in interleaved A/B runs of the benchmark (`examples/bench.rs`), glibc's malloc
-//! made up 10–14% of the daemon's samples, and its arena locks (shared by the tokio workers, the
-//! store's writer and sled's I/O threads) most of the futex wake-ups. With mimalloc the daemon
-//! spent 35–50% less CPU per e2e event and 10–30% less per fanout delivery.
+//! Why mimalloc: glibc's malloc made up 10–14% of the daemon's samples under the benchmark
+//! (`examples/bench.rs`), and its arena locks (shared by the tokio workers, the store's writer
+//! and sled's I/O threads) most of the futex wake-ups. In interleaved A/B runs the daemon spent a
+//! quarter to a half less CPU per e2e event on mimalloc, and 10–30% less per fanout delivery.
 //!
 //! Why these options: with mimalloc's defaults, the daemon reopening a million pending
-//! deliveries held 2.3 times the memory of glibc's malloc once serving (98 against 42 MiB), and
-//! peaked above the backlog's memory target. Arenas committed on demand and freed pages purged
-//! at once brought it to 46–51 MiB, and the peak under retries to within 10% of glibc's.
+//! deliveries held 2.3 times glibc's memory once serving (98 against 42 MiB), and the backlog
+//! scenario's peak (189 MiB) missed its target. Arenas committed on demand and freed pages purged
+//! at once brought the reopened daemon to 46–51 MiB and that peak to 136 MiB (glibc: 108).
 
 use libmimalloc_sys as mi;
 
@@ -30,6 +30,7 @@ static CONFIGURE_AT_START: extern "C" fn() = configure;
 
 /// Sets mimalloc's options, without allocating. `MIMALLOC_ARENA_EAGER_COMMIT` and
 /// `MIMALLOC_PURGE_DELAY` in the environment take precedence (mimalloc reads them itself).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 extern "C" fn configure() {
     for (option, env, value) in [
         (ARENA_EAGER_COMMIT, c"MIMALLOC_ARENA_EAGER_COMMIT", 0),
