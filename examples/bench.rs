@@ -1164,10 +1164,12 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
 
 const SLOW: Duration = Duration::from_millis(1900);
 
-/// The fast subscription's delivered/s over `n` events, with or without a slow one beside it.
 /// Room for the events of a time-bounded isolation run.
 const ISOLATION_CAP: usize = 200_000;
 
+/// One run of the isolation scenario (`round` numbers its figures): the fast subscription's
+/// delivered/s over a time-bounded closed loop, with or without a slow one beside it; `None`
+/// when not every accepted event arrived.
 async fn isolation_run(
     ctx: &Ctx,
     with_slow: bool,
