@@ -1312,6 +1312,11 @@ mod tests {
         }
     }
 
+    /// Takes events in and waits until they are flushed.
+    async fn accept_now(store: &Store, events: &[StoredEvent]) {
+        store.accept(events, &[]).unwrap().wait().await.unwrap();
+    }
+
     fn ended(mut d: Delivery, status: DeliveryStatus, at: u64) -> Delivery {
         d.status = status;
         d.next_attempt_at = None;
@@ -1351,12 +1356,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let e = event(&[a, b], 1_000);
-        store
-            .accept(std::slice::from_ref(&e), &[])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_now(&store, std::slice::from_ref(&e)).await;
         let back = store.event(&e.id).unwrap().unwrap();
         assert_eq!(back.received_at, 1_000);
         assert_eq!(back.name, "add_lead");
@@ -1378,12 +1378,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let sub = Uuid::now_v7();
         let e = event(&[sub], 1_000);
-        store
-            .accept(std::slice::from_ref(&e), &[])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_now(&store, std::slice::from_ref(&e)).await;
         let mut d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
         // A retry: due later, still pending.
         d.next_attempt_at = Some(5_000);
@@ -1417,12 +1412,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let sub = Uuid::now_v7();
         let (a, b) = (event(&[sub], 1_000), event(&[sub], 1_001));
-        store
-            .accept(&[a.clone(), b.clone()], &[])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_now(&store, &[a.clone(), b.clone()]).await;
         let due = store.due_entries(&sub, 2).unwrap();
         assert_eq!(due.len(), 2);
         let first = store.delivery(&due[0].delivery).unwrap().unwrap();
@@ -1449,12 +1439,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let sub = Uuid::now_v7();
         let e = event(&[sub], 1_000);
-        store
-            .accept(std::slice::from_ref(&e), &[])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_now(&store, std::slice::from_ref(&e)).await;
         let d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
         let due = store.next_due(&sub).unwrap().unwrap();
         assert!(store.claim(&due).unwrap());
@@ -1494,7 +1479,7 @@ mod tests {
                     }
                     group.push(e);
                 }
-                store.accept(&group, &[]).unwrap().wait().await.unwrap();
+                accept_now(&store, &group).await;
                 events.extend(group);
             }
             for (n, e) in events.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
@@ -1539,12 +1524,7 @@ mod tests {
         let mut events = Vec::new();
         for at in 0..4u64 {
             let e = event(&subs, 1_000 + at);
-            store
-                .accept(std::slice::from_ref(&e), &[])
-                .unwrap()
-                .wait()
-                .await
-                .unwrap();
+            accept_now(&store, std::slice::from_ref(&e)).await;
             events.push(e);
         }
         let mut all = Vec::new();
@@ -1597,12 +1577,7 @@ mod tests {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let e = event(&[a, b], 1_000);
         let bare = event(&[], 1_000);
-        store
-            .accept(&[e.clone(), bare.clone()], &[])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_now(&store, &[e.clone(), bare.clone()]).await;
         let da = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
         assert!(
             claim_and_record(
