@@ -2,33 +2,39 @@
 //! sled is 0.34.7 patched for this layout (`vendor/sled/PATCHED.md`): leaves of up to 64 small
 //! entries, so that millions of small keys cost a quarter of the pages (and of sled's memory).
 //!
-//! Everything lives in one sled tree under one-byte key prefixes, so that one accepted event and
-//! all of its due entries go to disk in a single atomic batch. The layout keeps the keys written
+//! Everything lives in one sled tree under one-byte key prefixes. The layout keeps the keys written
 //! per delivery to a minimum, because every key sled writes costs several microseconds and bytes
-//! in its log (measured: the cost of a batch grows with its keys far more than with its bytes):
+//! in its log (measured: the cost of a batch grows with its keys far more than with its bytes),
+//! and a change of one key is written without a batch (see `Changes`):
 //!
 //! | key | value |
 //! |---|---|
 //! | `s` sub_id | [`Subscription`] (JSON) |
 //! | `e` event_id | [`StoredEvent`] (compact binary: time, name, the subscriptions it goes to, the event JSON) |
 //! | `d` delivery_id | [`Delivery`] (compact binary, see `record`; JSON of earlier versions is read), once it has changed since intake; or a purge tombstone |
-//! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription); every pending delivery has exactly one |
+//! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription); every pending delivery has exactly one, here or in memory (below) |
 //! | `f` delivery_id | empty: the delivery failed (the failed log, newest first) |
 //! | `i` client key | [`IdempotencyRecord`]: the first receipt of an event sent with an `"id"` |
+//! | `w` | the watermark: the oldest event that may have deliveries whose due entries are in memory |
 //!
 //! An event's deliveries are not records of their own at intake: delivery `i` of event `E` has
 //! the id of `E` with its last two bytes set to `i + 1`, and goes to the event's `i`-th
 //! subscription. Until its first attempt ends it is pending and due at the event's arrival, which
-//! the event record and its due entry say; its `d` record is written with the first outcome. So
-//! intake writes one key per event and one per delivery, and an attempt's outcome writes two or
-//! three. The delivery log walks events newest first (the failed log walks `f`).
+//! the event record says; its `d` record is written with the first outcome. Its due entry is kept
+//! in memory (`fresh`) unless it waits long, so intake writes one key per event, and a first
+//! attempt's outcome one key (its `d` record) when it ends the delivery. A later attempt's
+//! outcome writes two or three. The delivery log walks events newest first (the failed log walks
+//! `f`).
 //!
 //! Ids are UUIDv7, so keys sort by creation time. Durability: writes land in sled's log at once and
 //! [`Store::flush`] makes them durable; concurrent callers share one fsync (group commit). Only
 //! intake waits for a flush: a lost attempt result only means the attempt is made again, because a
 //! delivery keeps its due entry while its attempt is in flight — the claim is in memory only — and
-//! the outcome replaces the entry in one batch. After a crash every claimed delivery is simply due.
+//! the outcome replaces the entry in one batch. After a crash every claimed delivery is simply due:
+//! one whose due entry was in memory has neither a `d` record nor a due entry in sled, and
+//! [`Store::open`] brings it back from the events since the watermark.
 
+mod fresh;
 pub mod model;
 mod record;
 
@@ -52,6 +58,8 @@ const DELIVERY: u8 = b'd';
 const DUE: u8 = b'q';
 const FAILED: u8 = b'f';
 const IDEMPOTENCY: u8 = b'i';
+/// The writer's watermark: the oldest event that may have deliveries kept in memory (see `fresh`).
+const WATERMARK: &[u8] = b"w";
 const EMPTY: &[u8] = &[];
 /// The value of a purged delivery's `d` key while other deliveries of its event are kept.
 const TOMBSTONE: &[u8] = b"x";
@@ -162,13 +170,21 @@ type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
 /// entries and events: one thread, so that no two writers contend for the same sled nodes, and
 /// the changes that queue up while it works go to sled as one batch.
 enum Write {
-    /// Intake, or a flush (no writes): answered once applied and flushed.
-    Durable(Vec<KeyWrite>, oneshot::Sender<Result<(), String>>),
+    /// Intake, or a flush (no writes): answered once applied and flushed. The events' deliveries
+    /// are kept in memory once written (see `fresh`).
+    Durable(
+        Vec<KeyWrite>,
+        Vec<NewEvent>,
+        oneshot::Sender<Result<(), String>>,
+    ),
     /// An attempt's outcome, applied unless the claim of `delivery` was voided (its claimed due
     /// entry removed meanwhile); `done` is called on the writer thread with whether it was. The
-    /// claim ends once it is applied.
+    /// claim ends once it is applied, and so does the due entry it was claimed by: the one of
+    /// `subscription` at `claimed_due_ms`, in memory or in sled.
     Outcome {
         delivery: Uuid,
+        subscription: Uuid,
+        claimed_due_ms: u64,
         writes: Vec<KeyWrite>,
         done: OutcomeDone,
     },
@@ -176,6 +192,9 @@ enum Write {
     /// once everything queued before it is applied.
     Exclusive(Box<dyn FnOnce() + Send>),
 }
+
+/// An event written at intake: id, arrival, subscriptions.
+type NewEvent = (Uuid, u64, Vec<Uuid>);
 
 /// What runs on the writer thread once an attempt's outcome is applied: `Ok(true)` when it was
 /// written, `Ok(false)` when its claimed due entry was gone and nothing was.
@@ -422,7 +441,11 @@ impl Store {
             }
         };
         let tree = db.open_tree("dispatcher")?;
-        let claimed: Arc<std::sync::Mutex<Claims>> = Arc::default();
+        let (fresh, watermark) = recover_fresh(&db, &tree)?;
+        let claimed = Arc::new(std::sync::Mutex::new(Claims {
+            fresh,
+            ..Claims::default()
+        }));
         let (wtx, wrx) = std::sync::mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -430,6 +453,9 @@ impl Store {
             claimed: claimed.clone(),
             changes: 0,
             trimmed: Instant::now(),
+            watermark,
+            newest: watermark,
+            watermark_at: Instant::now(),
         };
         std::thread::Builder::new()
             .name("sled-writer".into())
@@ -447,7 +473,7 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Write::Durable(Vec::new(), tx))
+            .send(Write::Durable(Vec::new(), Vec::new(), tx))
             .map_err(|_| StoreError::WriterGone)?;
         Durable(rx).wait().await
     }
@@ -528,9 +554,13 @@ impl Store {
         for r in self.tree.scan_prefix(&p) {
             let (k, _) = r?;
             batch.remove(k.clone());
-            let did = uuid_at(&k, k.len() - 16);
-            void.push(did);
-            if let Some(mut d) = self.delivery(&did)? {
+            void.push(uuid_at(&k, k.len() - 16));
+        }
+        // Those waiting for their first attempt in memory leave it with the rest.
+        let fresh = self.claimed_set().fresh.take_subscription(sub);
+        void.extend(fresh.into_iter().map(|(_, did)| did));
+        for did in &void {
+            if let Some(mut d) = self.delivery(did)? {
                 d.status = DeliveryStatus::Failed;
                 d.next_attempt_at = None;
                 d.error = Some(reason.to_string());
@@ -553,9 +583,10 @@ impl Store {
 
     // ---- intake ----
 
-    /// Writes events with the due entries of their deliveries in one atomic batch (not yet
-    /// flushed). Events sent with an idempotency key record their receipt under it in the same
-    /// batch. Delivery `i` of an event goes to its `i`-th subscription (see [`delivery_id`]).
+    /// Writes events in one atomic batch (not yet flushed); their deliveries are due at once,
+    /// and kept in memory until their first attempt (see `fresh`). Events sent with an
+    /// idempotency key record their receipt under it in the same batch. Delivery `i` of an event
+    /// goes to its `i`-th subscription (see [`delivery_id`]).
     ///
     /// The writes are queued in call order; the returned [`Durable`] resolves once they are
     /// applied and flushed.
@@ -564,26 +595,21 @@ impl Store {
         events: &[StoredEvent],
         keys: &[(String, IdempotencyRecord)],
     ) -> Result<Durable, StoreError> {
-        let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + 2 * events.len());
+        let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + events.len());
         for (k, record) in keys {
             writes.push((
                 [&[IDEMPOTENCY][..], k.as_bytes()].concat(),
                 Some(encode(record)),
             ));
         }
+        let mut new = Vec::with_capacity(events.len());
         for event in events {
             writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
-            for (i, sub) in event.subscriptions.iter().enumerate() {
-                let did = delivery_id(&event.id, i);
-                writes.push((
-                    due_key(sub, event.received_at, &did).to_vec(),
-                    Some(Vec::new()),
-                ));
-            }
+            new.push((event.id, event.received_at, event.subscriptions.clone()));
         }
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Write::Durable(writes, tx))
+            .send(Write::Durable(writes, new, tx))
             .map_err(|_| StoreError::WriterGone)?;
         Ok(Durable(rx))
     }
@@ -824,25 +850,39 @@ impl Store {
             }
             let mut ms = [0u8; 8];
             ms.copy_from_slice(&k[17..25]);
-            out.push(Due {
-                subscription: *sub,
-                due_ms: u64::from_be_bytes(ms),
-                delivery,
-            });
+            out.push((u64::from_be_bytes(ms), delivery));
             if out.len() >= max {
                 break;
             }
         }
-        Ok(out)
+        // Merged with those kept in memory. An entry being spilled is in both for a moment.
+        {
+            let claims = self.claimed_set();
+            out.extend(claims.fresh.earliest(sub, max, |d| claims.held.contains(d)));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out.truncate(max);
+        Ok(out
+            .into_iter()
+            .map(|(due_ms, delivery)| Due {
+                subscription: *sub,
+                due_ms,
+                delivery,
+            })
+            .collect())
     }
 
     /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
     pub fn claim(&self, due: &Due) -> Result<bool, StoreError> {
         let mut claimed = self.claimed_set();
         if claimed.held.contains(&due.delivery)
-            || !self
-                .tree
-                .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?
+            || !(claimed
+                .fresh
+                .contains(&due.subscription, due.due_ms, &due.delivery)
+                || self
+                    .tree
+                    .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?)
         {
             return Ok(false);
         }
@@ -882,11 +922,8 @@ impl Store {
     /// thread once the outcome is applied (or at once, on the caller's thread, when the writer
     /// is gone). No task waits for the write, so an attempt costs no wake-up for it.
     pub fn record_attempt_then(&self, d: &Delivery, claimed_due_ms: u64, done: OutcomeDone) {
-        let claimed = due_key(&d.subscription_id, claimed_due_ms, &d.id);
-        let mut writes: Vec<KeyWrite> = vec![
-            (key(DELIVERY, &d.id).to_vec(), Some(encode_delivery(d))),
-            (claimed.to_vec(), None),
-        ];
+        let mut writes: Vec<KeyWrite> =
+            vec![(key(DELIVERY, &d.id).to_vec(), Some(encode_delivery(d)))];
         match d.status {
             DeliveryStatus::Pending => {
                 let due = d.next_attempt_at.unwrap_or(0);
@@ -900,6 +937,8 @@ impl Store {
         }
         let sent = self.writer.send(Write::Outcome {
             delivery: d.id,
+            subscription: d.subscription_id,
+            claimed_due_ms,
             writes,
             done,
         });
@@ -951,14 +990,16 @@ impl Store {
             return Ok(None);
         };
         // Held while the entry moves, so a lane cannot claim the old one meanwhile.
-        let claimed = self.claimed_set();
+        let mut claimed = self.claimed_set();
         if claimed.held.contains(&d.id) {
             return Ok(Some(Err("an attempt of this delivery is in flight".into())));
         }
         let mut batch = sled::Batch::default();
         match d.status {
             DeliveryStatus::Pending => {
-                if let Some(due) = d.next_attempt_at {
+                if let Some(due) = d.next_attempt_at
+                    && !claimed.fresh.take(&d.subscription_id, due, &d.id)
+                {
                     batch.remove(due_key(&d.subscription_id, due, &d.id).as_slice());
                 }
             }
@@ -1101,9 +1142,11 @@ impl Store {
     /// How many deliveries created before `before_ms` are pending (the start-up value of the
     /// pending gauge: deliveries created later are counted as they are created).
     pub fn count_pending_before(&self, before_ms: u64) -> usize {
-        let mut n = 0;
+        // Those in memory may be spilled to sled while it is read: counted once.
+        let fresh = self.claimed_set().fresh.created_before(before_ms);
+        let mut n = fresh.len();
         for (i, k) in self.tree.scan_prefix([DUE]).keys().enumerate() {
-            if k.is_ok_and(|k| uuid_ms(&k[25..]) < before_ms) {
+            if k.is_ok_and(|k| uuid_ms(&k[25..]) < before_ms && !fresh.contains(&uuid_at(&k, 25))) {
                 n += 1;
             }
             if i % 1024 == 1023 {
@@ -1139,11 +1182,13 @@ fn writer_error(msg: &str) -> StoreError {
 }
 
 /// Deliveries with an attempt under way, and those of them whose claimed due entry an exclusive
-/// change (a deleted subscription) removed meanwhile: their outcomes write nothing.
+/// change (a deleted subscription) removed meanwhile: their outcomes write nothing. With them,
+/// under the same lock, the due entries kept in memory.
 #[derive(Default)]
 struct Claims {
     held: HashSet<Uuid>,
     voided: HashSet<Uuid>,
+    fresh: fresh::Fresh,
 }
 
 /// The writer thread's handles.
@@ -1155,6 +1200,78 @@ struct Writer {
     changes: usize,
     /// When memory was last given back.
     trimmed: Instant,
+    /// The watermark as written: no event before it has deliveries in memory.
+    watermark: Uuid,
+    /// The latest event written (the watermark once none is in memory).
+    newest: Uuid,
+    /// When the watermark was last written.
+    watermark_at: Instant,
+}
+
+/// How often the writer moves the watermark on (at most), and a flush always does: after a
+/// crash, recovery reads the events from it on.
+const WATERMARK_EVERY: Duration = Duration::from_secs(1);
+
+/// The most due entries the writer spills from memory in one batch.
+const SPILL_BATCH: usize = 8192;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the watermark (writing one into a database that has none) and brings back into memory
+/// the deliveries of the events from it on that wait for their first attempt: those with
+/// neither a `d` record nor a due entry.
+fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid), StoreError> {
+    let watermark = match tree.get(WATERMARK)? {
+        Some(v) if v.len() == 16 => uuid_at(&v, 0),
+        Some(v) => {
+            return Err(StoreError::Malformed {
+                key: "w".into(),
+                message: format!("a watermark of {} bytes, not 16", v.len()),
+            });
+        }
+        None => {
+            // A new database, or one of a version that wrote a due entry for every delivery
+            // at intake: nothing of it is to be found in memory.
+            let w = if tree.scan_prefix([EVENT]).next().is_some() {
+                Uuid::from_bytes(uuid_floor(now_ms()))
+            } else {
+                Uuid::nil()
+            };
+            tree.insert(WATERMARK, w.as_bytes())?;
+            db.flush()?;
+            w
+        }
+    };
+    let mut fresh = fresh::Fresh::default();
+    for r in tree.range(key(EVENT, &watermark).to_vec()..vec![EVENT + 1]) {
+        let (k, v) = r?;
+        let event = uuid_at(&k, 1);
+        let head = match EventHead::parse(&k, &v) {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::error!(error = %e, "skipping an unreadable event record");
+                continue;
+            }
+        };
+        let mut waiting = Vec::new();
+        for i in 0..head.len() {
+            let did = delivery_id(&event, i);
+            let due = due_key(&head.subscription(i), head.received_at, &did);
+            if !tree.contains_key(key(DELIVERY, &did))? && !tree.contains_key(due)? {
+                waiting.push(i);
+            }
+        }
+        if !waiting.is_empty() {
+            let subs = (0..head.len()).map(|i| head.subscription(i)).collect();
+            fresh.add(event, head.received_at, subs, waiting);
+        }
+    }
+    Ok((fresh, watermark))
 }
 
 impl Writer {
@@ -1182,8 +1299,12 @@ impl Writer {
                             w
                         }
                         Err(RecvTimeoutError::Timeout) => {
+                            let waiting = self.maintain();
                             self.trim();
-                            idle = (idle * 2).min(IDLE_TRIM_MAX);
+                            // Deliveries waiting in memory are looked at again within a second.
+                            if !waiting {
+                                idle = (idle * 2).min(IDLE_TRIM_MAX);
+                            }
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => return,
@@ -1216,53 +1337,133 @@ impl Writer {
         self.trimmed = Instant::now();
     }
 
-    fn apply(&mut self, group: Vec<Write>) {
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claimed.lock().expect("claimed set lock poisoned")
+    }
+
+    /// Adds to `batch` the due entries of the deliveries that waited too long in memory (or
+    /// beyond the most it keeps), and returns them: they leave memory once the batch is applied.
+    fn spill_into(&self, batch: &mut sled::Batch) -> Vec<fresh::Entry> {
+        let before = now_ms().saturating_sub(fresh::SPILL_AGE.as_millis() as u64);
+        let spill = self
+            .claims()
+            .fresh
+            .to_spill(before, fresh::MAX_FRESH, SPILL_BATCH);
+        for (sub, due, d) in &spill {
+            batch.insert(due_key(sub, *due, d).as_slice(), EMPTY);
+        }
+        spill
+    }
+
+    /// What an idle writer does: spills, and writes the watermark. Tells whether deliveries
+    /// still wait in memory.
+    fn maintain(&mut self) -> bool {
         let mut batch = sled::Batch::default();
+        let spill = self.spill_into(&mut batch);
+        if !spill.is_empty() {
+            match self.tree.apply_batch(batch) {
+                Ok(()) => {
+                    let fresh = &mut self.claims().fresh;
+                    for (sub, due, d) in &spill {
+                        fresh.take(sub, *due, d);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "spilling due entries failed"),
+            }
+        }
+        self.advance_watermark(true);
+        self.claims().fresh.len() > 0
+    }
+
+    /// Moves the watermark on to the oldest event with deliveries in memory (or the latest
+    /// event written, when none is), at most every [`WATERMARK_EVERY`] unless `now`.
+    fn advance_watermark(&mut self, now: bool) {
+        if !now && self.watermark_at.elapsed() < WATERMARK_EVERY {
+            return;
+        }
+        let to = self.claims().fresh.oldest_event().unwrap_or(self.newest);
+        if to > self.watermark {
+            if let Err(e) = self.tree.insert(WATERMARK, to.as_bytes()) {
+                tracing::error!(error = %e, "writing the watermark failed");
+                return;
+            }
+            self.watermark = to;
+        }
+        self.watermark_at = Instant::now();
+    }
+
+    fn apply(&mut self, group: Vec<Write>) {
         let mut durable = Vec::new();
         let mut outcomes = Vec::new();
-        let mut keys = 0;
-        let mut put = |batch: &mut sled::Batch, writes: Vec<KeyWrite>| {
-            keys += writes.len();
-            for (k, v) in writes {
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
-                }
-            }
-        };
+        let mut events: Vec<NewEvent> = Vec::new();
+        let mut flush_asked = false;
+        let mut changes = Changes::default();
+        let mut claims = self.claims();
         for w in group {
             match w {
-                Write::Durable(writes, done) => {
-                    put(&mut batch, writes);
+                Write::Durable(writes, new, done) => {
+                    flush_asked |= writes.is_empty() && new.is_empty();
+                    changes.put(writes);
+                    events.extend(new);
                     durable.push(done);
                 }
                 Write::Outcome {
                     delivery,
-                    writes,
+                    subscription,
+                    claimed_due_ms,
+                    mut writes,
                     done,
                 } => {
                     // The entry was there when the claim was made; only an exclusive change
                     // (a deleted subscription) removes it meanwhile, and marks the claim void.
-                    let void = self
-                        .claimed
-                        .lock()
-                        .expect("claimed set lock poisoned")
-                        .voided
-                        .remove(&delivery);
+                    let void = claims.voided.remove(&delivery);
                     if !void {
-                        put(&mut batch, writes);
+                        // The claim keeps lanes off it until the batch is applied.
+                        if !claims.fresh.take(&subscription, claimed_due_ms, &delivery) {
+                            let entry = due_key(&subscription, claimed_due_ms, &delivery);
+                            writes.push((entry.to_vec(), None));
+                        }
+                        changes.put(writes);
                     }
                     outcomes.push((delivery, Ok::<bool, String>(!void), done));
                 }
                 Write::Exclusive(_) => unreachable!("exclusive changes run alone"),
             }
         }
-        let applied = self.tree.apply_batch(batch).map_err(|e| e.to_string());
+        drop(claims);
+        // An event older than the watermark (its id was made before a later event's was
+        // written) moves it back, in the same batch, so that recovery cannot miss it.
+        let waiting = events.iter().filter(|(_, _, subs)| !subs.is_empty());
+        if let Some(oldest) = waiting.map(|(id, _, _)| *id).min()
+            && oldest < self.watermark
+        {
+            let mut writes = std::mem::take(&mut changes.singles);
+            writes.push((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
+            changes.put(writes);
+            self.watermark = oldest;
+        }
+        if let Some(latest) = events.iter().map(|(id, _, _)| *id).max() {
+            self.newest = self.newest.max(latest);
+        }
+        let spill = self.spill_into(&mut changes.batch);
+        changes.keys += spill.len();
+        changes.batched |= !spill.is_empty();
+        let keys = changes.keys;
+        let applied = changes.apply(&self.tree).map_err(|e| e.to_string());
         collect_garbage(keys);
         self.changes += keys;
         {
             // Released after the batch, so a lane never sees an old entry unclaimed.
-            let mut claimed = self.claimed.lock().expect("claimed set lock poisoned");
+            let mut claimed = self.claims();
+            if applied.is_ok() {
+                for (id, received_at, subs) in events {
+                    let n = subs.len();
+                    claimed.fresh.add(id, received_at, subs, 0..n);
+                }
+                for (sub, due, d) in &spill {
+                    claimed.fresh.take(sub, *due, d);
+                }
+            }
             for (delivery, _, _) in &outcomes {
                 claimed.held.remove(delivery);
             }
@@ -1278,6 +1479,8 @@ impl Writer {
                 tracing::error!(%delivery, "what follows a stored outcome panicked");
             }
         }
+        // A flush asked for makes the watermark durable with everything else.
+        self.advance_watermark(flush_asked);
         if !durable.is_empty() {
             // Flushed here rather than by another thread: changes that queue up meanwhile make
             // the next batch larger, and the answer reaches intake one thread hop sooner.
@@ -1291,6 +1494,49 @@ impl Writer {
         if self.trimmed.elapsed() >= TRIM_FORCE {
             self.trim();
         }
+    }
+}
+
+/// The writes of one group of changes. A change of one key is written on its own and the others
+/// as one atomic batch: each change must be atomic, not the group, and sled rolls its log buffer
+/// over for every batch (sealing it and handing it to its I/O threads, which write it out with
+/// `sync_file_range`), while a single insert only appends to the buffer. Most changes are of one
+/// key: an event taken in, a delivery's first outcome.
+#[derive(Default)]
+struct Changes {
+    singles: Vec<KeyWrite>,
+    batch: sled::Batch,
+    batched: bool,
+    keys: usize,
+}
+
+impl Changes {
+    fn put(&mut self, writes: Vec<KeyWrite>) {
+        self.keys += writes.len();
+        if writes.len() == 1 {
+            self.singles.extend(writes);
+            return;
+        }
+        self.batched |= !writes.is_empty();
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.batch.insert(k, v),
+                None => self.batch.remove(k),
+            }
+        }
+    }
+
+    fn apply(self, tree: &sled::Tree) -> Result<(), sled::Error> {
+        for (k, v) in self.singles {
+            match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            };
+        }
+        if self.batched {
+            tree.apply_batch(self.batch)?;
+        }
+        Ok(())
     }
 }
 
@@ -1332,6 +1578,226 @@ mod tests {
         };
         assert!(store.claim(&due).unwrap());
         store.record_attempt(d, due_ms).await.unwrap()
+    }
+
+    /// The due entries in sled, as (subscription, due time, delivery).
+    fn due_in_sled(store: &Store) -> Vec<(Uuid, u64, Uuid)> {
+        store
+            .tree
+            .scan_prefix([DUE])
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                let ms = u64::from_be_bytes(k[17..25].try_into().unwrap());
+                (uuid_at(&k, 1), ms, uuid_at(&k, 25))
+            })
+            .collect()
+    }
+
+    fn due_of(store: &Store, sub: &Uuid) -> Vec<(u64, Uuid)> {
+        let due = store.due_entries(sub, 100).unwrap();
+        due.iter().map(|d| (d.due_ms, d.delivery)).collect()
+    }
+
+    /// Polls until `f` holds, for at most 10 s.
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn first_attempts_wait_in_memory_and_come_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        let events: Vec<StoredEvent> = (0..3).map(|_| event(&[a, b], now)).collect();
+        let d = |e: usize, i: usize| delivery_id(&events[e].id, i);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            accept_now(&store, &events).await;
+            // Intake wrote no due entry, and the lanes see every delivery, in order.
+            assert!(due_in_sled(&store).is_empty());
+            assert_eq!(
+                due_of(&store, &a),
+                vec![(now, d(0, 0)), (now, d(1, 0)), (now, d(2, 0))]
+            );
+            assert_eq!(store.count_pending_before(u64::MAX), 6);
+            // The first event's deliveries end; the watermark moves past it with the flush.
+            for i in 0..2 {
+                let dl = store.delivery(&d(0, i)).unwrap().unwrap();
+                let dl = ended(dl, DeliveryStatus::Delivered, now);
+                assert!(claim_and_record(&store, &dl, now).await);
+            }
+            // One of the second's is claimed when the process dies: its attempt never ended.
+            let due = Due {
+                subscription: b,
+                due_ms: now,
+                delivery: d(1, 1),
+            };
+            assert!(store.claim(&due).unwrap());
+            store.flush().await.unwrap();
+            assert_eq!(
+                store.tree.get(WATERMARK).unwrap().unwrap(),
+                events[1].id.as_bytes()
+            );
+            assert!(
+                due_in_sled(&store).is_empty(),
+                "an ended first attempt writes no due entry"
+            );
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(due_of(&store, &a), vec![(now, d(1, 0)), (now, d(2, 0))]);
+        assert_eq!(due_of(&store, &b), vec![(now, d(1, 1)), (now, d(2, 1))]);
+        assert_eq!(store.count_pending_before(u64::MAX), 4);
+        assert!(due_in_sled(&store).is_empty());
+        assert_eq!(
+            store.delivery(&d(0, 1)).unwrap().unwrap().status,
+            DeliveryStatus::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_older_than_the_watermark_moves_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let now = now_ms();
+        // Its id is made first, as by a request that then stalls before it is written.
+        let stalled = event(&[sub], now);
+        let later = event(&[sub], now);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            accept_now(&store, std::slice::from_ref(&later)).await;
+            let dl = store.delivery(&delivery_id(&later.id, 0)).unwrap().unwrap();
+            assert!(
+                claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), now).await
+            );
+            store.flush().await.unwrap();
+            assert_eq!(
+                store.tree.get(WATERMARK).unwrap().unwrap(),
+                later.id.as_bytes()
+            );
+            accept_now(&store, std::slice::from_ref(&stalled)).await;
+            assert_eq!(
+                store.tree.get(WATERMARK).unwrap().unwrap(),
+                stalled.id.as_bytes()
+            );
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            due_of(&store, &sub),
+            vec![(now, delivery_id(&stalled.id, 0))]
+        );
+    }
+
+    #[tokio::test]
+    async fn deliveries_left_waiting_long_get_their_due_entries_in_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let now = now_ms();
+        let old = now - 2 * fresh::SPILL_AGE.as_millis() as u64;
+        let e = event(&[sub], old);
+        let did = delivery_id(&e.id, 0);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            accept_now(&store, std::slice::from_ref(&e)).await;
+            // The writer spills it with its next batch.
+            store.flush().await.unwrap();
+            assert_eq!(due_in_sled(&store), vec![(sub, old, did)]);
+            assert_eq!(due_of(&store, &sub), vec![(old, did)], "listed once");
+            assert_eq!(store.count_pending_before(u64::MAX), 1);
+            assert_eq!(store.tree.get(WATERMARK).unwrap().unwrap(), e.id.as_bytes());
+        }
+        // A spilled delivery is an ordinary due entry: not brought back into memory as well.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(due_of(&store, &sub), vec![(old, did)]);
+        let dl = store.delivery(&did).unwrap().unwrap();
+        assert!(claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), old).await);
+        assert!(due_in_sled(&store).is_empty());
+        assert!(due_of(&store, &sub).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_spills_and_moves_the_watermark_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let e = event(&[sub], now_ms() - 2 * fresh::SPILL_AGE.as_millis() as u64);
+        let store = Store::open(dir.path()).unwrap();
+        accept_now(&store, std::slice::from_ref(&e)).await;
+        // Nothing else is written: the writer's idle tick (a second) does it.
+        eventually("the spill", || due_in_sled(&store).len() == 1).await;
+        eventually("the watermark", || {
+            store.tree.get(WATERMARK).unwrap().unwrap() == e.id.as_bytes()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_due_entry_layout_opens_without_doubles() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let now = now_ms();
+        let e = event(&[sub], now);
+        let did = delivery_id(&e.id, 0);
+        {
+            // As an earlier version wrote it: the event, a due entry per delivery, no watermark.
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .tree
+                .insert(key(EVENT, &e.id), encode_event(&e).unwrap())
+                .unwrap();
+            store.tree.insert(due_key(&sub, now, &did), EMPTY).unwrap();
+            store.tree.remove(WATERMARK).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(due_of(&store, &sub), vec![(now, did)]);
+        assert_eq!(store.count_pending_before(u64::MAX), 1);
+        assert!(store.tree.get(WATERMARK).unwrap().is_some());
+        let dl = store.delivery(&did).unwrap().unwrap();
+        assert!(claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), now).await);
+        assert!(due_of(&store, &sub).is_empty());
+        assert!(due_in_sled(&store).is_empty());
+    }
+
+    #[tokio::test]
+    async fn deleting_a_subscription_ends_its_deliveries_waiting_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        let e = event(&[a, b], now);
+        let store = Store::open(dir.path()).unwrap();
+        accept_now(&store, std::slice::from_ref(&e)).await;
+        assert_eq!(store.delete_subscription(&a, "gone", now).await.unwrap(), 1);
+        assert!(due_of(&store, &a).is_empty());
+        assert_eq!(due_of(&store, &b), vec![(now, delivery_id(&e.id, 1))]);
+        let d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+        assert_eq!(
+            (d.status, d.error.as_deref()),
+            (DeliveryStatus::Failed, Some("gone"))
+        );
+        // Redelivered, it is an ordinary due entry; the other leaves memory for one too.
+        store
+            .redeliver(&d.id, now + 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let other = delivery_id(&e.id, 1);
+        store
+            .redeliver(&other, now + 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(due_of(&store, &b), vec![(now + 2, other)]);
+        assert_eq!(due_in_sled(&store), {
+            let mut v = vec![(a, now + 1, d.id), (b, now + 2, other)];
+            v.sort();
+            v
+        });
     }
 
     #[test]
