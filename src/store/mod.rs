@@ -1212,8 +1212,17 @@ struct Writer {
 /// crash, recovery reads the events from it on.
 const WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
-/// The most due entries the writer spills from memory in one batch.
+/// The most due entries the writer spills from memory in one batch, and how long an idle writer
+/// with more to spill waits for changes before it spills the next.
 const SPILL_BATCH: usize = 8192;
+const SPILL_PAUSE: Duration = Duration::from_millis(1);
+
+/// What is left to an idle writer after [`Writer::maintain`].
+enum Idle {
+    Spilling,
+    Waiting,
+    Done,
+}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1299,12 +1308,19 @@ impl Writer {
                             w
                         }
                         Err(RecvTimeoutError::Timeout) => {
-                            let waiting = self.maintain();
-                            self.trim();
-                            // Deliveries waiting in memory are looked at again within a second.
-                            if !waiting {
-                                idle = (idle * 2).min(IDLE_TRIM_MAX);
-                            }
+                            idle = match self.maintain() {
+                                // More to spill: at once, unless changes come first.
+                                Idle::Spilling => SPILL_PAUSE,
+                                // Deliveries waiting in memory are looked at within a second.
+                                Idle::Waiting => {
+                                    self.trim();
+                                    IDLE_TRIM
+                                }
+                                Idle::Done => {
+                                    self.trim();
+                                    (idle * 2).min(IDLE_TRIM_MAX)
+                                }
+                            };
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => return,
@@ -1355,9 +1371,8 @@ impl Writer {
         spill
     }
 
-    /// What an idle writer does: spills, and writes the watermark. Tells whether deliveries
-    /// still wait in memory.
-    fn maintain(&mut self) -> bool {
+    /// What an idle writer does: spills, and writes the watermark.
+    fn maintain(&mut self) -> Idle {
         let mut batch = sled::Batch::default();
         let spill = self.spill_into(&mut batch);
         if !spill.is_empty() {
@@ -1372,7 +1387,13 @@ impl Writer {
             }
         }
         self.advance_watermark(true);
-        self.claims().fresh.len() > 0
+        if spill.len() >= SPILL_BATCH {
+            Idle::Spilling
+        } else if self.claims().fresh.len() > 0 {
+            Idle::Waiting
+        } else {
+            Idle::Done
+        }
     }
 
     /// Moves the watermark on to the oldest event with deliveries in memory (or the latest
