@@ -21,15 +21,14 @@ use uuid::Uuid;
 /// How long a delivery may wait for its first attempt in memory before it is spilled.
 pub const SPILL_AGE: Duration = Duration::from_secs(10);
 
-/// The most deliveries kept here (about 50 bytes each); the oldest events' are spilled beyond.
+/// The most deliveries kept here (about 100 bytes each); the oldest events' are spilled beyond.
 pub const MAX_FRESH: usize = 1 << 18;
 
-/// An event with deliveries here.
+/// An event with deliveries here: its arrival, and how many of its deliveries are still here.
+/// Which subscriptions they go to is in the event's record (read again only to spill them).
 struct FreshEvent {
     received_at: u64,
-    subscriptions: Vec<Uuid>,
-    /// How many of its deliveries are still here.
-    left: usize,
+    left: u32,
 }
 
 /// A due entry kept in memory: subscription, due time (ms) and delivery.
@@ -52,7 +51,7 @@ impl Fresh {
         &mut self,
         event: Uuid,
         received_at: u64,
-        subscriptions: Vec<Uuid>,
+        subscriptions: &[Uuid],
         indexes: impl IntoIterator<Item = usize>,
     ) {
         let mut left = 0;
@@ -64,14 +63,8 @@ impl Fresh {
         }
         if left > 0 {
             self.len += left;
-            self.events.insert(
-                event,
-                FreshEvent {
-                    received_at,
-                    subscriptions,
-                    left,
-                },
-            );
+            let left = left as u32;
+            self.events.insert(event, FreshEvent { received_at, left });
         }
     }
 
@@ -146,39 +139,25 @@ impl Fresh {
 
     /// The deliveries here that were created before `before_ms`.
     pub fn created_before(&self, before_ms: u64) -> HashSet<Uuid> {
-        let mut out = HashSet::new();
-        for (event, e) in self
-            .events
-            .range(..Uuid::from_bytes(super::uuid_floor(before_ms)))
-        {
-            for (i, sub) in e.subscriptions.iter().enumerate() {
-                let d = delivery_id(event, i);
-                if self.contains(sub, e.received_at, &d) {
-                    out.insert(d);
-                }
-            }
-        }
-        out
+        let before = Uuid::from_bytes(super::uuid_floor(before_ms));
+        let lanes = self.lanes.values().flat_map(|l| l.iter());
+        lanes.map(|(_, d)| *d).filter(|d| *d < before).collect()
     }
 
-    /// The entries to spill: every entry of the oldest events, while they arrived before
-    /// `before_ms` or while more than `max` entries would stay, whole events until at least
-    /// `limit` are found. Nothing is removed: the caller writes their due entries, then
-    /// [`Fresh::take`]s them.
-    pub fn to_spill(&self, before_ms: u64, max: usize, limit: usize) -> Vec<Entry> {
+    /// The events whose entries are to be spilled, with their arrival: the oldest, while they
+    /// arrived before `before_ms` or while more than `max` entries would stay, until they hold
+    /// at least `limit` entries. Nothing is removed: the caller writes the due entries of those
+    /// still here ([`Fresh::contains`]), then [`Fresh::take`]s them.
+    pub fn to_spill(&self, before_ms: u64, max: usize, limit: usize) -> Vec<(Uuid, u64)> {
         let mut out = Vec::new();
         let mut staying = self.len;
         for (event, e) in &self.events {
-            if (e.received_at >= before_ms && staying <= max) || out.len() >= limit {
+            let spilled = self.len - staying;
+            if (e.received_at >= before_ms && staying <= max) || spilled >= limit {
                 break;
             }
-            for (i, sub) in e.subscriptions.iter().enumerate() {
-                let d = delivery_id(event, i);
-                if self.contains(sub, e.received_at, &d) {
-                    out.push((*sub, e.received_at, d));
-                }
-            }
-            staying -= e.left;
+            out.push((*event, e.received_at));
+            staying -= e.left as usize;
         }
         out
     }
@@ -201,8 +180,8 @@ mod tests {
         let e1 = new_event_id();
         let e2 = new_event_id();
         assert!(e1 < e2);
-        f.add(e1, 100, vec![a, b], 0..2);
-        f.add(e2, 200, vec![b, a], 0..2);
+        f.add(e1, 100, &[a, b], 0..2);
+        f.add(e2, 200, &[b, a], 0..2);
         assert_eq!(f.len(), 4);
         assert_eq!(f.oldest_event(), Some(e1));
         assert!(f.created_before(0).is_empty());
@@ -227,8 +206,8 @@ mod tests {
         assert_eq!(f.len(), 1);
         // Spilling: by age, then by count; nothing leaves until taken.
         assert!(f.to_spill(200, 10, 100).is_empty());
-        assert_eq!(f.to_spill(201, 10, 100), vec![(a, 200, d2a)]);
-        assert_eq!(f.to_spill(0, 0, 100), vec![(a, 200, d2a)]);
+        assert_eq!(f.to_spill(201, 10, 100), vec![(e2, 200)]);
+        assert_eq!(f.to_spill(0, 0, 100), vec![(e2, 200)]);
         assert_eq!(f.len(), 1);
         assert!(f.take(&a, 200, &d2a));
         assert_eq!((f.len(), f.oldest_event()), (0, None));
@@ -241,19 +220,19 @@ mod tests {
         let mut f = Fresh::default();
         let events: Vec<Uuid> = (0..4).map(|_| new_event_id()).collect();
         for (n, e) in events.iter().enumerate() {
-            f.add(*e, n as u64, subs.clone(), 0..3);
+            f.add(*e, n as u64, &subs, 0..3);
         }
         // 12 entries, at most 7 may stay: the two oldest events (6 entries) go.
-        let spilled = f.to_spill(0, 7, 100);
-        assert_eq!(spilled.len(), 6);
-        assert!(spilled.iter().all(|(_, due, _)| *due < 2));
-        // Entries already gone are not spilled again.
+        let two = vec![(events[0], 0), (events[1], 1)];
+        assert_eq!(f.to_spill(0, 7, 100), two);
+        // An event with an entry gone counts for what it has left.
         let first = delivery_id(&events[0], 0);
         assert!(f.take(&subs[0], 0, &first));
-        assert_eq!(f.to_spill(0, 7, 100).len(), 5);
-        // At most about `limit` at once, in whole events.
-        assert_eq!(f.to_spill(0, 0, 1).len(), 2);
-        assert_eq!(f.to_spill(0, 0, 3).len(), 5);
+        assert_eq!(f.to_spill(0, 8, 100), two);
+        assert_eq!(f.to_spill(0, 9, 100), two[..1]);
+        // About `limit` entries at once, in whole events.
+        assert_eq!(f.to_spill(0, 0, 1), two[..1]);
+        assert_eq!(f.to_spill(0, 0, 3), two);
         let all = f.created_before(u64::MAX >> 16);
         assert_eq!(all.len(), 11);
         assert!(!all.contains(&first));

@@ -1214,7 +1214,7 @@ const WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The most due entries the writer spills from memory in one batch, and how long an idle writer
 /// with more to spill waits for changes before it spills the next.
-const SPILL_BATCH: usize = 8192;
+const SPILL_BATCH: usize = 1024;
 const SPILL_PAUSE: Duration = Duration::from_millis(1);
 
 /// What is left to an idle writer after [`Writer::maintain`].
@@ -1257,7 +1257,14 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
         }
     };
     let mut fresh = fresh::Fresh::default();
-    for r in tree.range(key(EVENT, &watermark).to_vec()..vec![EVENT + 1]) {
+    for (n, r) in tree
+        .range(key(EVENT, &watermark).to_vec()..vec![EVENT + 1])
+        .enumerate()
+    {
+        // The nodes read are garbage once passed (see `count_pending_before`).
+        if n % 1024 == 1023 {
+            collect_garbage(64);
+        }
         let (k, v) = r?;
         let event = uuid_at(&k, 1);
         let head = match EventHead::parse(&k, &v) {
@@ -1276,10 +1283,11 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
             }
         }
         if !waiting.is_empty() {
-            let subs = (0..head.len()).map(|i| head.subscription(i)).collect();
-            fresh.add(event, head.received_at, subs, waiting);
+            let subs: Vec<Uuid> = (0..head.len()).map(|i| head.subscription(i)).collect();
+            fresh.add(event, head.received_at, &subs, waiting);
         }
     }
+    release_memory();
     Ok((fresh, watermark))
 }
 
@@ -1361,10 +1369,41 @@ impl Writer {
     /// beyond the most it keeps), and returns them: they leave memory once the batch is applied.
     fn spill_into(&self, batch: &mut sled::Batch) -> Vec<fresh::Entry> {
         let before = now_ms().saturating_sub(fresh::SPILL_AGE.as_millis() as u64);
-        let spill = self
+        let events = self
             .claims()
             .fresh
             .to_spill(before, fresh::MAX_FRESH, SPILL_BATCH);
+        // Which subscriptions their deliveries go to: from their records, read without the
+        // lock the lanes claim under.
+        let mut heads = Vec::with_capacity(events.len());
+        for (event, received_at) in events {
+            let k = key(EVENT, &event);
+            let subs = match self.tree.get(k) {
+                Ok(Some(v)) => EventHead::parse(&k, &v)
+                    .map(|h| (0..h.len()).map(|i| h.subscription(i)).collect::<Vec<_>>()),
+                Ok(None) => Err(StoreError::Malformed {
+                    key: format!("e{event}"),
+                    message: "missing, with deliveries waiting".into(),
+                }),
+                Err(e) => Err(e.into()),
+            };
+            match subs {
+                Ok(subs) => heads.push((event, received_at, subs)),
+                Err(e) => tracing::error!(error = %e, "cannot spill the deliveries of an event"),
+            }
+        }
+        let mut spill = Vec::new();
+        {
+            let claims = self.claims();
+            for (event, at, subs) in heads {
+                for (i, sub) in subs.into_iter().enumerate() {
+                    let d = delivery_id(&event, i);
+                    if claims.fresh.contains(&sub, at, &d) {
+                        spill.push((sub, at, d));
+                    }
+                }
+            }
+        }
         for (sub, due, d) in &spill {
             batch.insert(due_key(sub, *due, d).as_slice(), EMPTY);
         }
@@ -1385,6 +1424,8 @@ impl Writer {
                 }
                 Err(e) => tracing::error!(error = %e, "spilling due entries failed"),
             }
+            collect_garbage(spill.len());
+            self.changes += spill.len();
         }
         self.advance_watermark(true);
         if spill.len() >= SPILL_BATCH {
@@ -1479,7 +1520,7 @@ impl Writer {
             if applied.is_ok() {
                 for (id, received_at, subs) in events {
                     let n = subs.len();
-                    claimed.fresh.add(id, received_at, subs, 0..n);
+                    claimed.fresh.add(id, received_at, &subs, 0..n);
                 }
                 for (sub, due, d) in &spill {
                     claimed.fresh.take(sub, *due, d);
