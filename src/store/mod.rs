@@ -839,7 +839,13 @@ impl Store {
         let mut p = [0u8; 17];
         p[0] = DUE;
         p[1..].copy_from_slice(sub.as_bytes());
-        let mut out = Vec::new();
+        // Those kept in memory first: the writer spills an entry to sled before it leaves memory,
+        // so one that left since is found below (an entry being spilled is in both for a moment).
+        let mut out = {
+            let claims = self.claimed_set();
+            claims.fresh.earliest(sub, max, |d| claims.held.contains(d))
+        };
+        let from_memory = out.len();
         // Entries in flight keep their place at the front: at most a lane's slots (and the
         // outcomes on their way to the writer) are skipped.
         for r in self.tree.scan_prefix(p) {
@@ -851,14 +857,9 @@ impl Store {
             let mut ms = [0u8; 8];
             ms.copy_from_slice(&k[17..25]);
             out.push((u64::from_be_bytes(ms), delivery));
-            if out.len() >= max {
+            if out.len() - from_memory >= max {
                 break;
             }
-        }
-        // Merged with those kept in memory. An entry being spilled is in both for a moment.
-        {
-            let claims = self.claimed_set();
-            out.extend(claims.fresh.earliest(sub, max, |d| claims.held.contains(d)));
         }
         out.sort_unstable();
         out.dedup();
