@@ -1,5 +1,6 @@
-//! The delivery engine: one lane per subscription takes due deliveries from sled's due index and
-//! runs their HTTP attempts, then writes each outcome and the next due time the retry policy gives.
+//! The delivery engine: one lane per subscription takes due deliveries from the store's due index
+//! (sled's, and the first attempts' the store keeps in memory) and runs their HTTP attempts, then
+//! writes each outcome and the next due time the retry policy gives.
 //!
 //! Why lanes: a lane holds at most `per_subscription` attempts in flight, so a slow receiver only
 //! ever waits on itself, and the engine holds at most `concurrency` attempts in flight in all. A

@@ -21,7 +21,8 @@ use uuid::Uuid;
 /// How long a delivery may wait for its first attempt in memory before it is spilled.
 pub const SPILL_AGE: Duration = Duration::from_secs(10);
 
-/// The most deliveries kept here (about 100 bytes each); the oldest events' are spilled beyond.
+/// The most deliveries kept here (170 bytes of RSS each, measured with 100,000); the oldest
+/// events' are spilled beyond.
 pub const MAX_FRESH: usize = 1 << 18;
 
 /// An event with deliveries here: its arrival, and how many of its deliveries are still here.
@@ -91,6 +92,26 @@ impl Fresh {
         }
         self.forget_one(delivery);
         true
+    }
+
+    /// Puts back an entry [`Fresh::take`] removed (its outcome could not be written).
+    pub fn restore(&mut self, sub: &Uuid, due_ms: u64, delivery: &Uuid) {
+        let Some((event, _)) = super::event_of(delivery) else {
+            return;
+        };
+        if self
+            .lanes
+            .entry(*sub)
+            .or_default()
+            .insert((due_ms, *delivery))
+        {
+            self.len += 1;
+            let e = self.events.entry(event).or_insert(FreshEvent {
+                received_at: due_ms,
+                left: 0,
+            });
+            e.left += 1;
+        }
     }
 
     /// Notes that one delivery of an event left.
@@ -196,6 +217,11 @@ mod tests {
         assert!(f.take(&a, 100, &d1a));
         assert!(!f.take(&a, 100, &d1a));
         assert!(!f.contains(&a, 100, &d1a));
+        // Put back (its outcome was not written), it is as before.
+        f.restore(&a, 100, &d1a);
+        assert_eq!(f.len(), 4);
+        assert_eq!(f.earliest(&a, 1, |_| false), vec![(100, d1a)]);
+        assert!(f.take(&a, 100, &d1a));
         assert_eq!(f.oldest_event(), Some(e1), "e1 still has its delivery to b");
         // The oldest event goes with its last entry.
         assert_eq!(

@@ -1460,6 +1460,8 @@ impl Writer {
         let mut outcomes = Vec::new();
         let mut events: Vec<NewEvent> = Vec::new();
         let mut flush_asked = false;
+        // Due entries taken from memory by outcomes: back, should the outcomes not be written.
+        let mut taken = Vec::new();
         let mut changes = Changes::default();
         let mut claims = self.claims();
         for w in group {
@@ -1482,7 +1484,9 @@ impl Writer {
                     let void = claims.voided.remove(&delivery);
                     if !void {
                         // The claim keeps lanes off it until the batch is applied.
-                        if !claims.fresh.take(&subscription, claimed_due_ms, &delivery) {
+                        if claims.fresh.take(&subscription, claimed_due_ms, &delivery) {
+                            taken.push((subscription, claimed_due_ms, delivery));
+                        } else {
                             let entry = due_key(&subscription, claimed_due_ms, &delivery);
                             writes.push((entry.to_vec(), None));
                         }
@@ -1525,6 +1529,10 @@ impl Writer {
                 }
                 for (sub, due, d) in &spill {
                     claimed.fresh.take(sub, *due, d);
+                }
+            } else {
+                for (sub, due, d) in &taken {
+                    claimed.fresh.restore(sub, *due, d);
                 }
             }
             for (delivery, _, _) in &outcomes {
