@@ -43,6 +43,8 @@ pub struct Fresh {
     /// The events they belong to, oldest first.
     events: BTreeMap<Uuid, FreshEvent>,
     len: usize,
+    /// Events whose entries cannot be spilled (their record is unreadable): kept here.
+    kept: HashSet<Uuid>,
 }
 
 impl Fresh {
@@ -64,8 +66,11 @@ impl Fresh {
         }
         if left > 0 {
             self.len += left;
-            let left = left as u32;
-            self.events.insert(event, FreshEvent { received_at, left });
+            let e = self.events.entry(event).or_insert(FreshEvent {
+                received_at,
+                left: 0,
+            });
+            e.left += left as u32;
         }
     }
 
@@ -123,6 +128,7 @@ impl Fresh {
             e.left -= 1;
             if e.left == 0 {
                 self.events.remove(&event);
+                self.kept.remove(&event);
             }
         }
     }
@@ -173,6 +179,9 @@ impl Fresh {
         let mut out = Vec::new();
         let mut staying = self.len;
         for (event, e) in &self.events {
+            if self.kept.contains(event) {
+                continue;
+            }
             let spilled = self.len - staying;
             if (e.received_at >= before_ms && staying <= max) || spilled >= limit {
                 break;
@@ -181,6 +190,11 @@ impl Fresh {
             staying -= e.left as usize;
         }
         out
+    }
+
+    /// Stops spilling an event's entries (see `kept`).
+    pub fn keep(&mut self, event: Uuid) {
+        self.kept.insert(event);
     }
 
     /// The oldest event with entries here.

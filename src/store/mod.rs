@@ -410,6 +410,11 @@ pub struct PurgeStep {
 impl Store {
     /// Opens (or creates) the database at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, fresh::MAX_FRESH)
+    }
+
+    /// [`Store::open`] keeping at most `max_fresh` due entries in memory.
+    fn open_with(path: &Path, max_fresh: usize) -> Result<Store, StoreError> {
         let config = sled::Config::new()
             .path(path)
             // sled counts a node's size on disk against this, while nodes in memory are about
@@ -456,6 +461,7 @@ impl Store {
             watermark,
             newest: watermark,
             watermark_at: Instant::now(),
+            max_fresh,
         };
         std::thread::Builder::new()
             .name("sled-writer".into())
@@ -1147,7 +1153,10 @@ impl Store {
         let fresh = self.claimed_set().fresh.created_before(before_ms);
         let mut n = fresh.len();
         for (i, k) in self.tree.scan_prefix([DUE]).keys().enumerate() {
-            if k.is_ok_and(|k| uuid_ms(&k[25..]) < before_ms && !fresh.contains(&uuid_at(&k, 25))) {
+            let counted = |k: &[u8]| {
+                k.len() == 41 && uuid_ms(&k[25..]) < before_ms && !fresh.contains(&uuid_at(k, 25))
+            };
+            if k.is_ok_and(|k| counted(&k)) {
                 n += 1;
             }
             if i % 1024 == 1023 {
@@ -1207,6 +1216,8 @@ struct Writer {
     newest: Uuid,
     /// When the watermark was last written.
     watermark_at: Instant,
+    /// The most due entries kept in memory ([`fresh::MAX_FRESH`]).
+    max_fresh: usize,
 }
 
 /// How often the writer moves the watermark on (at most), and a flush always does: after a
@@ -1239,10 +1250,12 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
     let watermark = match tree.get(WATERMARK)? {
         Some(v) if v.len() == 16 => uuid_at(&v, 0),
         Some(v) => {
-            return Err(StoreError::Malformed {
-                key: "w".into(),
-                message: format!("a watermark of {} bytes, not 16", v.len()),
-            });
+            // Read from the first event on: slower, and nothing is missed.
+            tracing::error!(
+                bytes = v.len(),
+                "the watermark is damaged; reading every event"
+            );
+            Uuid::nil()
         }
         None => {
             // A new database, or one of a version that wrote a due entry for every delivery
@@ -1267,6 +1280,10 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
             collect_garbage(64);
         }
         let (k, v) = r?;
+        if k.len() != 17 {
+            tracing::error!(key = ?k, "skipping an event key of the wrong length");
+            continue;
+        }
         let event = uuid_at(&k, 1);
         let head = match EventHead::parse(&k, &v) {
             Ok(head) => head,
@@ -1373,7 +1390,7 @@ impl Writer {
         let events = self
             .claims()
             .fresh
-            .to_spill(before, fresh::MAX_FRESH, SPILL_BATCH);
+            .to_spill(before, self.max_fresh, SPILL_BATCH);
         // Which subscriptions their deliveries go to: from their records, read without the
         // lock the lanes claim under.
         let mut heads = Vec::with_capacity(events.len());
@@ -1390,7 +1407,11 @@ impl Writer {
             };
             match subs {
                 Ok(subs) => heads.push((event, received_at, subs)),
-                Err(e) => tracing::error!(error = %e, "cannot spill the deliveries of an event"),
+                Err(e) => {
+                    // Kept in memory (and the watermark before it), no longer tried.
+                    tracing::error!(error = %e, "cannot spill the deliveries of an event");
+                    self.claims().fresh.keep(event);
+                }
             }
         }
         let mut spill = Vec::new();
@@ -1458,19 +1479,32 @@ impl Writer {
     fn apply(&mut self, group: Vec<Write>) {
         let mut durable = Vec::new();
         let mut outcomes = Vec::new();
-        let mut events: Vec<NewEvent> = Vec::new();
+        // Events whose deliveries go into memory once written, with the change that writes them.
+        let mut events: Vec<(NewEvent, Slot)> = Vec::new();
         let mut flush_asked = false;
-        // Due entries taken from memory by outcomes: back, should the outcomes not be written.
-        let mut taken = Vec::new();
         let mut changes = Changes::default();
         let mut claims = self.claims();
+        // What memory may still take: an event beyond it gets its due entries in sled at once.
+        let mut room = self.max_fresh.saturating_sub(claims.fresh.len());
         for w in group {
             match w {
-                Write::Durable(writes, new, done) => {
+                Write::Durable(mut writes, new, done) => {
                     flush_asked |= writes.is_empty() && new.is_empty();
-                    changes.put(writes);
-                    events.extend(new);
-                    durable.push(done);
+                    let mut kept = Vec::with_capacity(new.len());
+                    for (id, received_at, subs) in new {
+                        if subs.len() <= room {
+                            room -= subs.len();
+                            kept.push((id, received_at, subs));
+                            continue;
+                        }
+                        for (i, sub) in subs.iter().enumerate() {
+                            let due = due_key(sub, received_at, &delivery_id(&id, i));
+                            writes.push((due.to_vec(), Some(Vec::new())));
+                        }
+                    }
+                    let slot = changes.put(writes);
+                    events.extend(kept.into_iter().map(|e| (e, slot)));
+                    durable.push((slot, done));
                 }
                 Write::Outcome {
                     delivery,
@@ -1481,68 +1515,79 @@ impl Writer {
                 } => {
                     // The entry was there when the claim was made; only an exclusive change
                     // (a deleted subscription) removes it meanwhile, and marks the claim void.
-                    let void = claims.voided.remove(&delivery);
-                    if !void {
-                        // The claim keeps lanes off it until the batch is applied.
-                        if claims.fresh.take(&subscription, claimed_due_ms, &delivery) {
-                            taken.push((subscription, claimed_due_ms, delivery));
-                        } else {
-                            let entry = due_key(&subscription, claimed_due_ms, &delivery);
-                            writes.push((entry.to_vec(), None));
-                        }
-                        changes.put(writes);
+                    if claims.voided.remove(&delivery) {
+                        outcomes.push((delivery, None, done));
+                        continue;
                     }
-                    outcomes.push((delivery, Ok::<bool, String>(!void), done));
+                    // The claim keeps lanes off it until the change is written.
+                    let taken = claims.fresh.take(&subscription, claimed_due_ms, &delivery);
+                    if !taken {
+                        // Removed before the next entry is written: when a retry is due in the
+                        // same millisecond, the two keys are one, and the later write wins.
+                        let entry = due_key(&subscription, claimed_due_ms, &delivery);
+                        writes.insert(0, (entry.to_vec(), None));
+                    }
+                    let slot = changes.put(writes);
+                    let taken = taken.then_some((subscription, claimed_due_ms));
+                    outcomes.push((delivery, Some((slot, taken)), done));
                 }
                 Write::Exclusive(_) => unreachable!("exclusive changes run alone"),
             }
         }
         drop(claims);
         // An event older than the watermark (its id was made before a later event's was
-        // written) moves it back, in the same batch, so that recovery cannot miss it.
-        let waiting = events.iter().filter(|(_, _, subs)| !subs.is_empty());
-        if let Some(oldest) = waiting.map(|(id, _, _)| *id).min()
+        // written) moves it back, written before anything else, so recovery cannot miss it.
+        let waiting = events.iter().filter(|((_, _, subs), _)| !subs.is_empty());
+        if let Some(oldest) = waiting.map(|((id, _, _), _)| *id).min()
             && oldest < self.watermark
         {
-            let mut writes = std::mem::take(&mut changes.singles);
-            writes.push((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
-            changes.put(writes);
+            changes.first = Some((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
             self.watermark = oldest;
         }
-        if let Some(latest) = events.iter().map(|(id, _, _)| *id).max() {
+        if let Some(latest) = events.iter().map(|((id, _, _), _)| *id).max() {
             self.newest = self.newest.max(latest);
         }
         let spill = self.spill_into(&mut changes.batch);
         changes.keys += spill.len();
         changes.batched |= !spill.is_empty();
         let keys = changes.keys;
-        let applied = changes.apply(&self.tree).map_err(|e| e.to_string());
+        let applied = changes.apply(&self.tree);
+        if let Some(e) = &applied.error {
+            tracing::error!(error = %e, "writing to storage failed");
+        }
         collect_garbage(keys);
         self.changes += keys;
         {
             // Released after the batch, so a lane never sees an old entry unclaimed.
             let mut claimed = self.claims();
-            if applied.is_ok() {
-                for (id, received_at, subs) in events {
+            for ((id, received_at, subs), slot) in events {
+                if applied.ok(slot) {
                     let n = subs.len();
                     claimed.fresh.add(id, received_at, &subs, 0..n);
                 }
+            }
+            if applied.batch {
                 for (sub, due, d) in &spill {
                     claimed.fresh.take(sub, *due, d);
                 }
-            } else {
-                for (sub, due, d) in &taken {
-                    claimed.fresh.restore(sub, *due, d);
+            }
+            for (delivery, written, _) in &outcomes {
+                claimed.held.remove(delivery);
+                // An outcome not written leaves its due entry where it was.
+                if let Some((slot, Some((sub, due)))) = written
+                    && !applied.ok(*slot)
+                {
+                    claimed.fresh.restore(sub, *due, delivery);
                 }
             }
-            for (delivery, _, _) in &outcomes {
-                claimed.held.remove(delivery);
-            }
         }
-        for (delivery, exists, done) in outcomes {
-            let result = match (&applied, &exists) {
-                (Ok(()), Ok(written)) => Ok(*written),
-                (Err(e), _) | (_, Err(e)) => Err(writer_error(e)),
+        for (delivery, written, done) in outcomes {
+            let result = match written {
+                None => Ok(false),
+                Some((slot, _)) if applied.ok(slot) => Ok(true),
+                Some(_) => Err(writer_error(
+                    applied.error.as_deref().unwrap_or("not written"),
+                )),
             };
             // A caller's bug must not take the writer, and every later write, down with it.
             let run = std::panic::AssertUnwindSafe(move || done(result));
@@ -1555,10 +1600,13 @@ impl Writer {
         if !durable.is_empty() {
             // Flushed here rather than by another thread: changes that queue up meanwhile make
             // the next batch larger, and the answer reaches intake one thread hop sooner.
-            let result =
-                applied.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
-            for w in durable {
-                let _ = w.send(result.clone());
+            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            for (slot, w) in durable {
+                let result = match &applied.error {
+                    Some(e) if !applied.ok(slot) => Err(e.clone()),
+                    _ => flushed.clone(),
+                };
+                let _ = w.send(result);
             }
         }
         // A writer never idle long enough to trim between batches trims after answering.
@@ -1572,42 +1620,99 @@ impl Writer {
 /// as one atomic batch: each change must be atomic, not the group, and sled rolls its log buffer
 /// over for every batch (sealing it and handing it to its I/O threads, which write it out with
 /// `sync_file_range`), while a single insert only appends to the buffer. Most changes are of one
-/// key: an event taken in, a delivery's first outcome.
+/// key: an event taken in, a delivery's first outcome. `first` (a watermark moving back) is
+/// written before all of them.
 #[derive(Default)]
 struct Changes {
+    first: Option<KeyWrite>,
     singles: Vec<KeyWrite>,
     batch: sled::Batch,
     batched: bool,
     keys: usize,
 }
 
-impl Changes {
-    fn put(&mut self, writes: Vec<KeyWrite>) {
-        self.keys += writes.len();
-        if writes.len() == 1 {
-            self.singles.extend(writes);
-            return;
+/// Where one change went in [`Changes`], to tell afterwards whether it was written.
+#[derive(Clone, Copy)]
+enum Slot {
+    Nothing,
+    Single(usize),
+    Batched,
+}
+
+/// What [`Changes::apply`] wrote: the first `singles`, and the batch or not. It stops at the
+/// first error.
+struct Applied {
+    singles: usize,
+    batch: bool,
+    error: Option<String>,
+}
+
+impl Applied {
+    fn ok(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Nothing => true,
+            Slot::Single(i) => i < self.singles,
+            Slot::Batched => self.batch,
         }
-        self.batched |= !writes.is_empty();
-        for (k, v) in writes {
-            match v {
-                Some(v) => self.batch.insert(k, v),
-                None => self.batch.remove(k),
+    }
+}
+
+fn write_one(tree: &sled::Tree, (k, v): KeyWrite) -> Result<(), sled::Error> {
+    match v {
+        Some(v) => tree.insert(k, v)?,
+        None => tree.remove(k)?,
+    };
+    Ok(())
+}
+
+impl Changes {
+    fn put(&mut self, mut writes: Vec<KeyWrite>) -> Slot {
+        self.keys += writes.len();
+        match writes.len() {
+            0 => Slot::Nothing,
+            1 => {
+                self.singles.extend(writes.pop());
+                Slot::Single(self.singles.len() - 1)
+            }
+            _ => {
+                self.batched = true;
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => self.batch.insert(k, v),
+                        None => self.batch.remove(k),
+                    }
+                }
+                Slot::Batched
             }
         }
     }
 
-    fn apply(self, tree: &sled::Tree) -> Result<(), sled::Error> {
-        for (k, v) in self.singles {
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
+    fn apply(self, tree: &sled::Tree) -> Applied {
+        let mut applied = Applied {
+            singles: 0,
+            batch: false,
+            error: None,
+        };
+        if let Some(w) = self.first
+            && let Err(e) = write_one(tree, w)
+        {
+            applied.error = Some(e.to_string());
+            return applied;
+        }
+        for w in self.singles {
+            if let Err(e) = write_one(tree, w) {
+                applied.error = Some(e.to_string());
+                return applied;
+            }
+            applied.singles += 1;
         }
         if self.batched {
-            tree.apply_batch(self.batch)?;
+            match tree.apply_batch(self.batch) {
+                Ok(()) => applied.batch = true,
+                Err(e) => applied.error = Some(e.to_string()),
+            }
         }
-        Ok(())
+        applied
     }
 }
 
@@ -1831,6 +1936,60 @@ mod tests {
         assert!(claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), now).await);
         assert!(due_of(&store, &sub).is_empty());
         assert!(due_in_sled(&store).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retry_due_in_the_millisecond_it_was_claimed_at_keeps_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let now = now_ms();
+        let e = event(&[sub], now);
+        accept_now(&store, std::slice::from_ref(&e)).await;
+        let mut d = store.delivery(&delivery_id(&e.id, 0)).unwrap().unwrap();
+        d.next_attempt_at = Some(now + 5);
+        assert!(claim_and_record(&store, &d, now).await);
+        // Claimed by the entry in sled at `now + 5`, and due again in that same millisecond
+        // (a zero step, a clock that went back): one key, removed and written in one change.
+        assert!(claim_and_record(&store, &d, now + 5).await);
+        assert_eq!(due_of(&store, &sub), vec![(now + 5, d.id)]);
+        assert_eq!(due_in_sled(&store), vec![(sub, now + 5, d.id)]);
+    }
+
+    #[tokio::test]
+    async fn events_beyond_what_memory_may_hold_get_their_due_entries_at_intake() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        let first = event(&[a, b], now);
+        let second = event(&[a, b], now);
+        {
+            let store = Store::open_with(dir.path(), 3).unwrap();
+            accept_now(&store, std::slice::from_ref(&first)).await;
+            accept_now(&store, std::slice::from_ref(&second)).await;
+            // Two of the first fit; the second's two would make four.
+            let second_due = vec![
+                (a, now, delivery_id(&second.id, 0)),
+                (b, now, delivery_id(&second.id, 1)),
+            ];
+            let mut sled_due = due_in_sled(&store);
+            sled_due.sort();
+            let mut expected = second_due.clone();
+            expected.sort();
+            assert_eq!(sled_due, expected);
+            assert_eq!(store.claimed_set().fresh.len(), 2);
+            let lane = vec![
+                (now, delivery_id(&first.id, 0)),
+                (now, delivery_id(&second.id, 0)),
+            ];
+            assert_eq!(due_of(&store, &a), lane);
+            assert_eq!(store.count_pending_before(u64::MAX), 4);
+            store.flush().await.unwrap();
+        }
+        // Found again after a restart, each once.
+        let store = Store::open_with(dir.path(), 3).unwrap();
+        assert_eq!(store.count_pending_before(u64::MAX), 4);
+        assert_eq!(due_of(&store, &b).len(), 2);
     }
 
     #[tokio::test]
