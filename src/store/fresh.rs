@@ -7,9 +7,9 @@
 //! here, and an attempt that ends soon writes one key (its `d` record) instead of a due entry at
 //! intake plus its removal. Most deliveries never cost a due entry at all.
 //!
-//! What bounds this: a delivery still here after [`SPILL_AGE`], or beyond [`MAX_FRESH`] of them,
-//! gets its due entry written to sled after all (it is *spilled*) and leaves memory; from then on
-//! it is an ordinary due entry. After a crash the writer's watermark (the oldest event that may
+//! What bounds this: a delivery still here after [`SPILL_AGE`] gets its due entry written to sled
+//! after all (it is *spilled*) and leaves memory; from then on it is an ordinary due entry. An
+//! event that would take this past [`MAX_FRESH`] entries gets its due entries in sled at intake. After a crash the writer's watermark (the oldest event that may
 //! still have deliveries here) tells where to look: every delivery of an event from it on that
 //! has neither a `d` record nor a due entry comes back here (see `Store::open`).
 
@@ -21,8 +21,9 @@ use uuid::Uuid;
 /// How long a delivery may wait for its first attempt in memory before it is spilled.
 pub const SPILL_AGE: Duration = Duration::from_secs(10);
 
-/// The most deliveries kept here (170 bytes of RSS each, measured with 100,000); the oldest
-/// events' are spilled beyond.
+/// The most deliveries kept here (170 bytes of RSS each, measured with 100,000): the writer
+/// writes the due entries of an event beyond it at intake, and spills the oldest events' should
+/// more be here (entries put back after a failed write).
 pub const MAX_FRESH: usize = 1 << 18;
 
 /// An event with deliveries here: its arrival, and how many of its deliveries are still here.

@@ -1391,6 +1391,9 @@ impl Writer {
             .claims()
             .fresh
             .to_spill(before, self.max_fresh, SPILL_BATCH);
+        if events.is_empty() {
+            return Vec::new();
+        }
         // Which subscriptions their deliveries go to: from their records, read without the
         // lock the lanes claim under.
         let mut heads = Vec::with_capacity(events.len());
@@ -1770,6 +1773,17 @@ mod tests {
             .collect()
     }
 
+    /// Records a delivery delivered at `at` by the attempt its due entry at `due_ms` claimed.
+    async fn deliver(store: &Store, did: &Uuid, due_ms: u64, at: u64) {
+        let d = store.delivery(did).unwrap().unwrap();
+        let d = ended(d, DeliveryStatus::Delivered, at);
+        assert!(claim_and_record(store, &d, due_ms).await);
+    }
+
+    fn watermark(store: &Store) -> Uuid {
+        uuid_at(&store.tree.get(WATERMARK).unwrap().unwrap(), 0)
+    }
+
     fn due_of(store: &Store, sub: &Uuid) -> Vec<(u64, Uuid)> {
         let due = store.due_entries(sub, 100).unwrap();
         due.iter().map(|d| (d.due_ms, d.delivery)).collect()
@@ -1803,9 +1817,7 @@ mod tests {
             assert_eq!(store.count_pending_before(u64::MAX), 6);
             // The first event's deliveries end; the watermark moves past it with the flush.
             for i in 0..2 {
-                let dl = store.delivery(&d(0, i)).unwrap().unwrap();
-                let dl = ended(dl, DeliveryStatus::Delivered, now);
-                assert!(claim_and_record(&store, &dl, now).await);
+                deliver(&store, &d(0, i), now, now).await;
             }
             // One of the second's is claimed when the process dies: its attempt never ended.
             let due = Due {
@@ -1815,10 +1827,7 @@ mod tests {
             };
             assert!(store.claim(&due).unwrap());
             store.flush().await.unwrap();
-            assert_eq!(
-                store.tree.get(WATERMARK).unwrap().unwrap(),
-                events[1].id.as_bytes()
-            );
+            assert_eq!(watermark(&store), events[1].id);
             assert!(
                 due_in_sled(&store).is_empty(),
                 "an ended first attempt writes no due entry"
@@ -1846,20 +1855,11 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             accept_now(&store, std::slice::from_ref(&later)).await;
-            let dl = store.delivery(&delivery_id(&later.id, 0)).unwrap().unwrap();
-            assert!(
-                claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), now).await
-            );
+            deliver(&store, &delivery_id(&later.id, 0), now, now).await;
             store.flush().await.unwrap();
-            assert_eq!(
-                store.tree.get(WATERMARK).unwrap().unwrap(),
-                later.id.as_bytes()
-            );
+            assert_eq!(watermark(&store), later.id);
             accept_now(&store, std::slice::from_ref(&stalled)).await;
-            assert_eq!(
-                store.tree.get(WATERMARK).unwrap().unwrap(),
-                stalled.id.as_bytes()
-            );
+            assert_eq!(watermark(&store), stalled.id);
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(
@@ -1884,13 +1884,12 @@ mod tests {
             assert_eq!(due_in_sled(&store), vec![(sub, old, did)]);
             assert_eq!(due_of(&store, &sub), vec![(old, did)], "listed once");
             assert_eq!(store.count_pending_before(u64::MAX), 1);
-            assert_eq!(store.tree.get(WATERMARK).unwrap().unwrap(), e.id.as_bytes());
+            assert_eq!(watermark(&store), e.id);
         }
         // A spilled delivery is an ordinary due entry: not brought back into memory as well.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(due_of(&store, &sub), vec![(old, did)]);
-        let dl = store.delivery(&did).unwrap().unwrap();
-        assert!(claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), old).await);
+        deliver(&store, &did, old, now).await;
         assert!(due_in_sled(&store).is_empty());
         assert!(due_of(&store, &sub).is_empty());
     }
@@ -1904,10 +1903,7 @@ mod tests {
         accept_now(&store, std::slice::from_ref(&e)).await;
         // Nothing else is written: the writer's idle tick (a second) does it.
         eventually("the spill", || due_in_sled(&store).len() == 1).await;
-        eventually("the watermark", || {
-            store.tree.get(WATERMARK).unwrap().unwrap() == e.id.as_bytes()
-        })
-        .await;
+        eventually("the watermark", || watermark(&store) == e.id).await;
     }
 
     #[tokio::test]
@@ -1932,8 +1928,7 @@ mod tests {
         assert_eq!(due_of(&store, &sub), vec![(now, did)]);
         assert_eq!(store.count_pending_before(u64::MAX), 1);
         assert!(store.tree.get(WATERMARK).unwrap().is_some());
-        let dl = store.delivery(&did).unwrap().unwrap();
-        assert!(claim_and_record(&store, &ended(dl, DeliveryStatus::Delivered, now), now).await);
+        deliver(&store, &did, now, now).await;
         assert!(due_of(&store, &sub).is_empty());
         assert!(due_in_sled(&store).is_empty());
     }
