@@ -1479,13 +1479,18 @@ impl Writer {
         self.watermark_at = Instant::now();
     }
 
+    /// Applies a group in two steps. Intake first: its events written, their deliveries put in
+    /// memory, flushed and answered. Then the outcomes (and a spill), which need no flush: an
+    /// intake request waits for the fsync of its own group, not for the outcomes that queued
+    /// beside it, nor for what runs after each outcome.
     fn apply(&mut self, group: Vec<Write>) {
         let mut durable = Vec::new();
         let mut outcomes = Vec::new();
         // Events whose deliveries go into memory once written, with the change that writes them.
         let mut events: Vec<(NewEvent, Slot)> = Vec::new();
         let mut flush_asked = false;
-        let mut changes = Changes::default();
+        let mut intake = Changes::default();
+        let mut results = Changes::default();
         let mut claims = self.claims();
         // What memory may still take: an event beyond it gets its due entries in sled at once.
         let mut room = self.max_fresh.saturating_sub(claims.fresh.len());
@@ -1505,7 +1510,7 @@ impl Writer {
                             writes.push((due.to_vec(), Some(Vec::new())));
                         }
                     }
-                    let slot = changes.put(writes);
+                    let slot = intake.put(writes);
                     events.extend(kept.into_iter().map(|e| (e, slot)));
                     durable.push((slot, done));
                 }
@@ -1530,7 +1535,7 @@ impl Writer {
                         let entry = due_key(&subscription, claimed_due_ms, &delivery);
                         writes.insert(0, (entry.to_vec(), None));
                     }
-                    let slot = changes.put(writes);
+                    let slot = results.put(writes);
                     let taken = taken.then_some((subscription, claimed_due_ms));
                     outcomes.push((delivery, Some((slot, taken)), done));
                 }
@@ -1538,37 +1543,19 @@ impl Writer {
             }
         }
         drop(claims);
-        // An event older than the watermark (its id was made before a later event's was
-        // written) moves it back, written before anything else, so recovery cannot miss it.
-        let waiting = events.iter().filter(|((_, _, subs), _)| !subs.is_empty());
-        if let Some(oldest) = waiting.map(|((id, _, _), _)| *id).min()
-            && oldest < self.watermark
-        {
-            changes.first = Some((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
-            self.watermark = oldest;
-        }
-        if let Some(latest) = events.iter().map(|((id, _, _), _)| *id).max() {
-            self.newest = self.newest.max(latest);
-        }
-        let spill = self.spill_into(&mut changes.batch);
-        changes.keys += spill.len();
-        changes.batched |= !spill.is_empty();
-        let keys = changes.keys;
-        let applied = changes.apply(&self.tree);
+        let mut keys = intake.keys;
+        self.apply_intake(intake, events, durable, flush_asked);
+        let spill = self.spill_into(&mut results.batch);
+        results.keys += spill.len();
+        results.batched |= !spill.is_empty();
+        keys += results.keys;
+        let applied = results.apply(&self.tree);
         if let Some(e) = &applied.error {
             tracing::error!(error = %e, "writing to storage failed");
         }
-        collect_garbage(keys);
-        self.changes += keys;
         {
             // Released after the batch, so a lane never sees an old entry unclaimed.
             let mut claimed = self.claims();
-            for ((id, received_at, subs), slot) in events {
-                if applied.ok(slot) {
-                    let n = subs.len();
-                    claimed.fresh.add(id, received_at, &subs, 0..n);
-                }
-            }
             if applied.batch {
                 for (sub, due, d) in &spill {
                     claimed.fresh.take(sub, *due, d);
@@ -1598,23 +1585,62 @@ impl Writer {
                 tracing::error!(%delivery, "what follows a stored outcome panicked");
             }
         }
-        // A flush asked for makes the watermark durable with everything else.
-        self.advance_watermark(flush_asked);
-        if !durable.is_empty() {
-            // Flushed here rather than by another thread: changes that queue up meanwhile make
-            // the next batch larger, and the answer reaches intake one thread hop sooner.
-            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
-            for (slot, w) in durable {
-                let result = match &applied.error {
-                    Some(e) if !applied.ok(slot) => Err(e.clone()),
-                    _ => flushed.clone(),
-                };
-                let _ = w.send(result);
-            }
-        }
+        collect_garbage(keys);
+        self.changes += keys;
         // A writer never idle long enough to trim between batches trims after answering.
         if self.trimmed.elapsed() >= TRIM_FORCE {
             self.trim();
+        }
+    }
+
+    /// Writes a group's intake, puts the deliveries of its events in memory, moves the
+    /// watermark, flushes, and answers each change with whether it is on disk.
+    fn apply_intake(
+        &mut self,
+        mut changes: Changes,
+        events: Vec<(NewEvent, Slot)>,
+        durable: Vec<(Slot, oneshot::Sender<Result<(), String>>)>,
+        flush_asked: bool,
+    ) {
+        // An event older than the watermark (its id was made before a later event's was
+        // written) moves it back, written before anything else, so recovery cannot miss it.
+        let waiting = events.iter().filter(|((_, _, subs), _)| !subs.is_empty());
+        if let Some(oldest) = waiting.map(|((id, _, _), _)| *id).min()
+            && oldest < self.watermark
+        {
+            changes.first = Some((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
+            self.watermark = oldest;
+        }
+        if let Some(latest) = events.iter().map(|((id, _, _), _)| *id).max() {
+            self.newest = self.newest.max(latest);
+        }
+        let applied = changes.apply(&self.tree);
+        if let Some(e) = &applied.error {
+            tracing::error!(error = %e, "writing to storage failed");
+        }
+        if !events.is_empty() {
+            let mut claimed = self.claims();
+            for ((id, received_at, subs), slot) in events {
+                if applied.ok(slot) {
+                    let n = subs.len();
+                    claimed.fresh.add(id, received_at, &subs, 0..n);
+                }
+            }
+        }
+        // A flush asked for makes the watermark durable with everything else.
+        self.advance_watermark(flush_asked);
+        if durable.is_empty() {
+            return;
+        }
+        // Flushed here rather than by another thread: changes that queue up meanwhile make the
+        // next batch larger, and the answer reaches intake one thread hop sooner.
+        let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+        for (slot, w) in durable {
+            let result = match &applied.error {
+                Some(e) if !applied.ok(slot) => Err(e.clone()),
+                _ => flushed.clone(),
+            };
+            let _ = w.send(result);
         }
     }
 }
@@ -1796,6 +1822,50 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn intake_is_answered_before_the_outcomes_queued_beside_it_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let e = event(&[sub], now_ms());
+        accept_now(&store, std::slice::from_ref(&e)).await;
+        let due = store.due_entries(&sub, 1).unwrap().remove(0);
+        assert!(store.claim(&due).unwrap());
+        let d = store.delivery(&due.delivery).unwrap().unwrap();
+        let d = ended(d, DeliveryStatus::Delivered, now_ms());
+        // The writer waits until both changes are queued, so that it takes them as one group.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let held = store
+            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
+            .unwrap();
+        // The outcome, queued first, only ends once the intake behind it has been answered.
+        let (answered, on_answer) = std::sync::mpsc::channel::<()>();
+        let (ran, outcome) = oneshot::channel();
+        store.record_attempt_then(
+            &d,
+            due.due_ms,
+            Box::new(move |written| {
+                let waited = on_answer.recv_timeout(Duration::from_secs(5));
+                let _ = ran.send((written.is_ok(), waited.is_ok()));
+            }),
+        );
+        let later = event(&[sub], now_ms());
+        let durable = store.accept(std::slice::from_ref(&later), &[]).unwrap();
+        go.send(()).unwrap();
+        assert!(held.await.unwrap().is_ok());
+        durable.wait().await.unwrap();
+        let _ = answered.send(());
+        let (written, after_the_answer) = outcome.await.unwrap();
+        assert!(written);
+        assert!(
+            after_the_answer,
+            "the intake waited for the outcome queued before it"
+        );
+        assert!(store.event(&later.id).unwrap().is_some());
+        let stored = store.delivery(&d.id).unwrap().unwrap();
+        assert_eq!(stored.status, DeliveryStatus::Delivered);
     }
 
     #[tokio::test]
