@@ -1452,7 +1452,7 @@ impl Writer {
             collect_garbage(spill.len());
             self.changes += spill.len();
         }
-        self.advance_watermark(true);
+        self.advance_watermark(true, None);
         if spill.len() >= SPILL_BATCH {
             Idle::Spilling
         } else if self.claims().fresh.len() > 0 {
@@ -1463,12 +1463,18 @@ impl Writer {
     }
 
     /// Moves the watermark on to the oldest event with deliveries in memory (or the latest
-    /// event written, when none is), at most every [`WATERMARK_EVERY`] unless `now`.
-    fn advance_watermark(&mut self, now: bool) {
+    /// event written, when none is), at most every [`WATERMARK_EVERY`] unless `now`, and never
+    /// past `floor`: the oldest event of outcomes taken out of memory whose records are not
+    /// written yet.
+    fn advance_watermark(&mut self, now: bool, floor: Option<Uuid>) {
         if !now && self.watermark_at.elapsed() < WATERMARK_EVERY {
             return;
         }
-        let to = self.claims().fresh.oldest_event().unwrap_or(self.newest);
+        let oldest = self.claims().fresh.oldest_event();
+        let to = match (oldest, floor) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(self.newest),
+        };
         if to > self.watermark {
             if let Err(e) = self.tree.insert(WATERMARK, to.as_bytes()) {
                 tracing::error!(error = %e, "writing the watermark failed");
@@ -1543,8 +1549,15 @@ impl Writer {
             }
         }
         drop(claims);
+        // Outcomes taken out of memory are written after the intake's flush: until then the
+        // watermark stays at their events, or a crash in between would lose them.
+        let floor = outcomes
+            .iter()
+            .filter(|(_, written, _)| matches!(written, Some((_, Some(_)))))
+            .filter_map(|(delivery, _, _)| event_of(delivery).map(|(event, _)| event))
+            .min();
         let mut keys = intake.keys;
-        self.apply_intake(intake, events, durable, flush_asked);
+        self.apply_intake(intake, events, durable, flush_asked, floor);
         let spill = self.spill_into(&mut results.batch);
         results.keys += spill.len();
         results.batched |= !spill.is_empty();
@@ -1601,6 +1614,7 @@ impl Writer {
         events: Vec<(NewEvent, Slot)>,
         durable: Vec<(Slot, oneshot::Sender<Result<(), String>>)>,
         flush_asked: bool,
+        floor: Option<Uuid>,
     ) {
         // An event older than the watermark (its id was made before a later event's was
         // written) moves it back, written before anything else, so recovery cannot miss it.
@@ -1628,7 +1642,7 @@ impl Writer {
             }
         }
         // A flush asked for makes the watermark durable with everything else.
-        self.advance_watermark(flush_asked);
+        self.advance_watermark(flush_asked, floor);
         if durable.is_empty() {
             return;
         }
@@ -1866,6 +1880,45 @@ mod tests {
         assert!(store.event(&later.id).unwrap().is_some());
         let stored = store.delivery(&d.id).unwrap().unwrap();
         assert_eq!(stored.status, DeliveryStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn the_watermark_does_not_pass_an_outcome_flushed_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sub = Uuid::now_v7();
+        let (a, b) = (event(&[sub], now_ms()), event(&[sub], now_ms()));
+        accept_now(&store, &[a.clone(), b.clone()]).await;
+        let due = store.due_entries(&sub, 1).unwrap().remove(0);
+        assert_eq!(event_of(&due.delivery).unwrap().0, a.id);
+        assert!(store.claim(&due).unwrap());
+        let d = store.delivery(&due.delivery).unwrap().unwrap();
+        let d = ended(d, DeliveryStatus::Delivered, now_ms());
+        // One group: a's outcome, then a flush, which moves the watermark on at once.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let held = store
+            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
+            .unwrap();
+        let (ran, outcome) = oneshot::channel();
+        store.record_attempt_then(
+            &d,
+            due.due_ms,
+            Box::new(move |written| {
+                let _ = ran.send(written.is_ok());
+            }),
+        );
+        let flushed = store.flush();
+        go.send(()).unwrap();
+        assert!(held.await.unwrap().is_ok());
+        flushed.await.unwrap();
+        // The flush came before a's record was written: had the watermark passed a (b is the
+        // oldest event left in memory), a crash right then would have lost a's delivery.
+        assert!(watermark(&store) <= a.id);
+        assert!(outcome.await.unwrap());
+        assert_eq!(
+            store.delivery(&d.id).unwrap().unwrap().status,
+            DeliveryStatus::Delivered
+        );
     }
 
     #[tokio::test]
