@@ -1907,10 +1907,13 @@ mod tests {
                 let _ = ran.send(written.is_ok());
             }),
         );
-        let flushed = store.flush();
+        // Queued now (`Store::flush` queues it once polled).
+        let (asked, flushed) = oneshot::channel();
+        let flush = Write::Durable(Vec::new(), Vec::new(), asked);
+        assert!(store.writer.send(flush).is_ok());
         go.send(()).unwrap();
         assert!(held.await.unwrap().is_ok());
-        flushed.await.unwrap();
+        flushed.await.unwrap().unwrap();
         // The flush came before a's record was written: had the watermark passed a (b is the
         // oldest event left in memory), a crash right then would have lost a's delivery.
         assert!(watermark(&store) <= a.id);
