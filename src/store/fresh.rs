@@ -9,9 +9,11 @@
 //!
 //! What bounds this: a delivery still here after [`SPILL_AGE`] gets its due entry written to sled
 //! after all (it is *spilled*) and leaves memory; from then on it is an ordinary due entry. An
-//! event that would take this past [`MAX_FRESH`] entries gets its due entries in sled at intake. After a crash the writer's watermark (the oldest event that may
-//! still have deliveries here) tells where to look: every delivery of an event from it on that
-//! has neither a `d` record nor a due entry comes back here (see `Store::open`).
+//! event that would take this past [`MAX_FRESH`] entries gets its due entries in sled at intake.
+//! After a crash the writer's watermark (the oldest event that may still have deliveries here, or
+//! whose outcome taken from here is not written yet) tells where to look: every delivery of an
+//! event from it on that has neither a `d` record nor a due entry comes back here (see
+//! `Store::open`).
 
 use super::delivery_id;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -170,7 +170,8 @@ type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
 /// entries and events: one thread, so that no two writers contend for the same sled nodes, and
 /// the changes that queue up while it works go to sled as one batch.
 enum Write {
-    /// Intake, or a flush (no writes): answered once applied and flushed. The events' deliveries
+    /// Intake, answered once applied and flushed; or a flush (no writes), answered once every
+    /// change queued before it, outcomes included, is applied and flushed. The events' deliveries
     /// are kept in memory once written (see `fresh`).
     Durable(
         Vec<KeyWrite>,
@@ -410,11 +411,16 @@ pub struct PurgeStep {
 impl Store {
     /// Opens (or creates) the database at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::open_with(path, fresh::MAX_FRESH)
+        Store::open_with(path, fresh::MAX_FRESH, WATERMARK_EVERY)
     }
 
-    /// [`Store::open`] keeping at most `max_fresh` due entries in memory.
-    fn open_with(path: &Path, max_fresh: usize) -> Result<Store, StoreError> {
+    /// [`Store::open`] keeping at most `max_fresh` due entries in memory, its writer moving the
+    /// watermark on at most every `watermark_every` (unless asked to flush).
+    fn open_with(
+        path: &Path,
+        max_fresh: usize,
+        watermark_every: Duration,
+    ) -> Result<Store, StoreError> {
         let config = sled::Config::new()
             .path(path)
             // sled counts a node's size on disk against this, while nodes in memory are about
@@ -461,6 +467,7 @@ impl Store {
             watermark,
             newest: watermark,
             watermark_at: Instant::now(),
+            watermark_every,
             max_fresh,
         };
         std::thread::Builder::new()
@@ -1216,12 +1223,14 @@ struct Writer {
     newest: Uuid,
     /// When the watermark was last written.
     watermark_at: Instant,
+    /// How often it is moved on at most ([`WATERMARK_EVERY`]).
+    watermark_every: Duration,
     /// The most due entries kept in memory ([`fresh::MAX_FRESH`]).
     max_fresh: usize,
 }
 
-/// How often the writer moves the watermark on (at most), and a flush always does: after a
-/// crash, recovery reads the events from it on.
+/// How often the writer moves the watermark on (at most), and a flush asked for always does, once
+/// the outcomes queued before it are written: after a crash, recovery reads the events from it on.
 const WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The most due entries the writer spills from memory in one batch, and how long an idle writer
@@ -1463,11 +1472,11 @@ impl Writer {
     }
 
     /// Moves the watermark on to the oldest event with deliveries in memory (or the latest
-    /// event written, when none is), at most every [`WATERMARK_EVERY`] unless `now`, and never
+    /// event written, when none is), at most every `watermark_every` unless `now`, and never
     /// past `floor`: the oldest event of outcomes taken out of memory whose records are not
     /// written yet.
     fn advance_watermark(&mut self, now: bool, floor: Option<Uuid>) {
-        if !now && self.watermark_at.elapsed() < WATERMARK_EVERY {
+        if !now && self.watermark_at.elapsed() < self.watermark_every {
             return;
         }
         let oldest = self.claims().fresh.oldest_event();
@@ -1492,9 +1501,10 @@ impl Writer {
     fn apply(&mut self, group: Vec<Write>) {
         let mut durable = Vec::new();
         let mut outcomes = Vec::new();
+        // Flushes asked for: answered last, once the group's outcomes are written too.
+        let mut flushes = Vec::new();
         // Events whose deliveries go into memory once written, with the change that writes them.
         let mut events: Vec<(NewEvent, Slot)> = Vec::new();
-        let mut flush_asked = false;
         let mut intake = Changes::default();
         let mut results = Changes::default();
         let mut claims = self.claims();
@@ -1502,8 +1512,10 @@ impl Writer {
         let mut room = self.max_fresh.saturating_sub(claims.fresh.len());
         for w in group {
             match w {
+                Write::Durable(writes, new, done) if writes.is_empty() && new.is_empty() => {
+                    flushes.push(done);
+                }
                 Write::Durable(mut writes, new, done) => {
-                    flush_asked |= writes.is_empty() && new.is_empty();
                     let mut kept = Vec::with_capacity(new.len());
                     for (id, received_at, subs) in new {
                         if subs.len() <= room {
@@ -1557,7 +1569,7 @@ impl Writer {
             .filter_map(|(delivery, _, _)| event_of(delivery).map(|(event, _)| event))
             .min();
         let mut keys = intake.keys;
-        self.apply_intake(intake, events, durable, flush_asked, floor);
+        self.apply_intake(intake, events, durable, floor);
         let spill = self.spill_into(&mut results.batch);
         results.keys += spill.len();
         results.batched |= !spill.is_empty();
@@ -1598,6 +1610,18 @@ impl Writer {
                 tracing::error!(%delivery, "what follows a stored outcome panicked");
             }
         }
+        if !flushes.is_empty() {
+            // Every change queued before the flush is written: the watermark moves on (no
+            // outcome of the group is left unwritten) and is made durable with the rest.
+            self.advance_watermark(true, None);
+            let flushed = match applied.error {
+                Some(e) => Err(e),
+                None => self.db.flush().map(|_| ()).map_err(|e| e.to_string()),
+            };
+            for w in flushes {
+                let _ = w.send(flushed.clone());
+            }
+        }
         collect_garbage(keys);
         self.changes += keys;
         // A writer never idle long enough to trim between batches trims after answering.
@@ -1613,7 +1637,6 @@ impl Writer {
         mut changes: Changes,
         events: Vec<(NewEvent, Slot)>,
         durable: Vec<(Slot, oneshot::Sender<Result<(), String>>)>,
-        flush_asked: bool,
         floor: Option<Uuid>,
     ) {
         // An event older than the watermark (its id was made before a later event's was
@@ -1641,8 +1664,7 @@ impl Writer {
                 }
             }
         }
-        // A flush asked for makes the watermark durable with everything else.
-        self.advance_watermark(flush_asked, floor);
+        self.advance_watermark(false, floor);
         if durable.is_empty() {
             return;
         }
@@ -1883,9 +1905,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_watermark_does_not_pass_an_outcome_flushed_after_it() {
+    async fn the_watermark_does_not_pass_an_outcome_written_after_the_intake_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        // The watermark moves on with every group.
+        let store = Store::open_with(dir.path(), fresh::MAX_FRESH, Duration::ZERO).unwrap();
         let sub = Uuid::now_v7();
         let (a, b) = (event(&[sub], now_ms()), event(&[sub], now_ms()));
         accept_now(&store, &[a.clone(), b.clone()]).await;
@@ -1894,30 +1917,39 @@ mod tests {
         assert!(store.claim(&due).unwrap());
         let d = store.delivery(&due.delivery).unwrap().unwrap();
         let d = ended(d, DeliveryStatus::Delivered, now_ms());
-        // One group: a's outcome, then a flush, which moves the watermark on at once.
+        // One group: a's outcome, an event c, and a flush asked for.
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let held = store
             .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
             .unwrap();
-        let (ran, outcome) = oneshot::channel();
+        let (ran, mut outcome) = oneshot::channel();
+        let reader = store.clone();
         store.record_attempt_then(
             &d,
             due.due_ms,
             Box::new(move |written| {
-                let _ = ran.send(written.is_ok());
+                // Once a's record is written, before anything else the group does.
+                let _ = ran.send((written.is_ok(), watermark(&reader)));
             }),
         );
-        // Queued now (`Store::flush` queues it once polled).
+        let c = event(&[sub], now_ms());
+        let durable = store.accept(std::slice::from_ref(&c), &[]).unwrap();
         let (asked, flushed) = oneshot::channel();
         let flush = Write::Durable(Vec::new(), Vec::new(), asked);
         assert!(store.writer.send(flush).is_ok());
         go.send(()).unwrap();
         assert!(held.await.unwrap().is_ok());
+        durable.wait().await.unwrap();
         flushed.await.unwrap().unwrap();
-        // The flush came before a's record was written: had the watermark passed a (b is the
-        // oldest event left in memory), a crash right then would have lost a's delivery.
-        assert!(watermark(&store) <= a.id);
-        assert!(outcome.await.unwrap());
+        // c was flushed before a's record was written; had the watermark passed a then (b is
+        // the oldest event left in memory), a crash right after would have lost a's delivery.
+        let (written, at_the_write) = outcome
+            .try_recv()
+            .expect("the flush came after the outcome");
+        assert!(written);
+        assert_eq!(at_the_write, a.id);
+        // The flush asked for came after the outcome: it moves the watermark on, to b.
+        assert_eq!(watermark(&store), b.id);
         assert_eq!(
             store.delivery(&d.id).unwrap().unwrap().status,
             DeliveryStatus::Delivered
@@ -2005,7 +2037,8 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             accept_now(&store, std::slice::from_ref(&e)).await;
-            // The writer spills it with its next batch.
+            // Old already: spilled once its intake is answered, in the same group (a flush
+            // asked for is answered after that).
             store.flush().await.unwrap();
             assert_eq!(due_in_sled(&store), vec![(sub, old, did)]);
             assert_eq!(due_of(&store, &sub), vec![(old, did)], "listed once");
@@ -2085,7 +2118,7 @@ mod tests {
         let first = event(&[a, b], now);
         let second = event(&[a, b], now);
         {
-            let store = Store::open_with(dir.path(), 3).unwrap();
+            let store = Store::open_with(dir.path(), 3, WATERMARK_EVERY).unwrap();
             accept_now(&store, std::slice::from_ref(&first)).await;
             accept_now(&store, std::slice::from_ref(&second)).await;
             // Two of the first fit; the second's two would make four.
@@ -2108,7 +2141,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         // Found again after a restart, each once.
-        let store = Store::open_with(dir.path(), 3).unwrap();
+        let store = Store::open_with(dir.path(), 3, WATERMARK_EVERY).unwrap();
         assert_eq!(store.count_pending_before(u64::MAX), 4);
         assert_eq!(due_of(&store, &b).len(), 2);
     }
