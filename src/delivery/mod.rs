@@ -367,7 +367,14 @@ impl Engine {
             }
         };
         let n = d.attempts.len() as u32 + 1;
-        let host = host_of(&sub.url);
+        // Parsed once per attempt: its host for the log and the stream, the URL for the request.
+        let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"));
+        let host = url
+            .as_ref()
+            .ok()
+            .and_then(|u| u.host_str())
+            .unwrap_or_default()
+            .to_string();
         let max_attempts = self
             .registry
             .policies()
@@ -392,7 +399,7 @@ impl Engine {
             });
         }
         let started_at = now_ms();
-        let outcome = match self.prepare(&sub, &d, event) {
+        let outcome = match url.and_then(|url| Ok((url, self.prepare(&sub, &d, event)?))) {
             Ok((url, body)) => {
                 let timeout = sub
                     .timeout_ms
@@ -567,22 +574,21 @@ impl Engine {
         tripped
     }
 
-    /// The destination and the body (with its content type) of an attempt, encoded from the
-    /// stored event in the subscription's current format.
+    /// The body (with its content type) of an attempt, encoded from the stored event in the
+    /// subscription's current format.
     fn prepare(
         &self,
         sub: &Subscription,
         d: &Delivery,
         event: Option<store::StoredEvent>,
-    ) -> Result<(url::Url, crate::payload::Body), String> {
-        let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"))?;
+    ) -> Result<crate::payload::Body, String> {
         // The amoCRM and JSON bodies depend on the event alone: encoded once per event and format
         // and shared by every subscription (and retry) that needs them. Creatio bodies depend on
         // the subscription's mapping (and a form's boundary is random), so they are not kept.
         let shared = matches!(sub.format, Format::Amocrm | Format::Json);
         let cache_key = (d.event_id, sub.format);
         if shared && let Some(body) = self.bodies.get(&cache_key) {
-            return Ok((url, body));
+            return Ok(body);
         }
         let stored = match event {
             Some(e) => e,
@@ -601,7 +607,7 @@ impl Engine {
         if shared {
             self.bodies.insert(cache_key, body.clone());
         }
-        Ok((url, body))
+        Ok(body)
     }
 
     /// Now minus the due time of the oldest due delivery of an enabled subscription.
