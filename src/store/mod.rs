@@ -1860,22 +1860,38 @@ mod tests {
         }
     }
 
+    /// Claims the first due delivery of `sub`, and returns it as an attempt that delivered it.
+    fn claim_first_delivered(store: &Store, sub: &Uuid) -> (Due, Delivery) {
+        let due = store.due_entries(sub, 1).unwrap().remove(0);
+        assert!(store.claim(&due).unwrap());
+        let d = store.delivery(&due.delivery).unwrap().unwrap();
+        (due, ended(d, DeliveryStatus::Delivered, now_ms()))
+    }
+
+    /// Keeps the writer busy until `go` is sent (at most 10 s): what is queued meanwhile is
+    /// applied as one group. The receiver tells once it has let go.
+    fn hold_writer(
+        store: &Store,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        oneshot::Receiver<Result<(), std::sync::mpsc::RecvTimeoutError>>,
+    ) {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let held = store
+            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
+            .unwrap();
+        (go, held)
+    }
+
     #[tokio::test]
     async fn intake_is_answered_before_the_outcomes_queued_beside_it_are_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let sub = Uuid::now_v7();
-        let e = event(&[sub], now_ms());
-        accept_now(&store, std::slice::from_ref(&e)).await;
-        let due = store.due_entries(&sub, 1).unwrap().remove(0);
-        assert!(store.claim(&due).unwrap());
-        let d = store.delivery(&due.delivery).unwrap().unwrap();
-        let d = ended(d, DeliveryStatus::Delivered, now_ms());
+        accept_now(&store, &[event(&[sub], now_ms())]).await;
+        let (due, d) = claim_first_delivered(&store, &sub);
         // The writer waits until both changes are queued, so that it takes them as one group.
-        let (go, wait) = std::sync::mpsc::channel::<()>();
-        let held = store
-            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
-            .unwrap();
+        let (go, held) = hold_writer(&store);
         // The outcome, queued first, only ends once the intake behind it has been answered.
         let (answered, on_answer) = std::sync::mpsc::channel::<()>();
         let (ran, outcome) = oneshot::channel();
@@ -1912,16 +1928,10 @@ mod tests {
         let sub = Uuid::now_v7();
         let (a, b) = (event(&[sub], now_ms()), event(&[sub], now_ms()));
         accept_now(&store, &[a.clone(), b.clone()]).await;
-        let due = store.due_entries(&sub, 1).unwrap().remove(0);
-        assert_eq!(event_of(&due.delivery).unwrap().0, a.id);
-        assert!(store.claim(&due).unwrap());
-        let d = store.delivery(&due.delivery).unwrap().unwrap();
-        let d = ended(d, DeliveryStatus::Delivered, now_ms());
+        let (due, d) = claim_first_delivered(&store, &sub);
+        assert_eq!(d.event_id, a.id);
         // One group: a's outcome, an event c, and a flush asked for.
-        let (go, wait) = std::sync::mpsc::channel::<()>();
-        let held = store
-            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
-            .unwrap();
+        let (go, held) = hold_writer(&store);
         let (ran, mut outcome) = oneshot::channel();
         let reader = store.clone();
         store.record_attempt_then(
