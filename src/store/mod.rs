@@ -15,7 +15,7 @@
 //! | `q` sub_id due_ms delivery_id | empty: the delivery is due at `due_ms` (the scheduler's index, one lane per subscription); every pending delivery has exactly one, here or in memory (below) |
 //! | `f` delivery_id | empty: the delivery failed (the failed log, newest first) |
 //! | `i` client key | [`IdempotencyRecord`]: the first receipt of an event sent with an `"id"` |
-//! | `w` | the watermark: the oldest event that may have deliveries whose due entries are in memory |
+//! | `w` | the watermark: the oldest event that may have deliveries whose due entries are in memory, or whose outcome taken from memory is not written yet |
 //!
 //! An event's deliveries are not records of their own at intake: delivery `i` of event `E` has
 //! the id of `E` with its last two bytes set to `i + 1`, and goes to the event's `i`-th
@@ -1319,8 +1319,8 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
 }
 
 impl Writer {
-    /// Applies changes as they come, every change that queued meanwhile as one batch, until
-    /// every [`Store`] is gone.
+    /// Applies changes as they come, every change that queued meanwhile as one group (intake
+    /// first, see [`Writer::apply`]), until every [`Store`] is gone.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Write>) {
         let mut next = None;
         let mut idle = IDLE_TRIM;
