@@ -6,7 +6,7 @@ use super::{CliError, ColorChoice};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime};
 
-/// Whether to colour stdout: `auto` means a terminal and no `NO_COLOR` (https://no-color.org).
+/// Whether to colour stdout: `auto` means a terminal and no `NO_COLOR` (<https://no-color.org>).
 pub fn use_color(choice: ColorChoice) -> bool {
     match choice {
         ColorChoice::Always => true,
