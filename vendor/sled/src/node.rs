@@ -715,10 +715,24 @@ impl Data {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Debug, PartialEq, Default)]
 pub(crate) struct Leaf {
     pub(crate) keys: Vec<IVec>,
     pub(crate) values: Vec<IVec>,
+}
+
+// webhook-dispatcher patch: a leaf is cloned to apply one change to it (`PageCache::link`), most
+// often an insert; the clone has room for one more entry, so that the insert does not reallocate
+// (and copy) both vectors again at twice the size.
+impl Clone for Leaf {
+    fn clone(&self) -> Leaf {
+        fn with_room(v: &[IVec]) -> Vec<IVec> {
+            let mut out = Vec::with_capacity(v.len() + 1);
+            out.extend_from_slice(v);
+            out
+        }
+        Leaf { keys: with_room(&self.keys), values: with_room(&self.values) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]

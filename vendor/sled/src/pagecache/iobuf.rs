@@ -35,8 +35,25 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+/// webhook-dispatcher patch: segment buffers that were written out are kept (up to
+/// `SPARE_BUFS`) and handed to the next segment instead of going back to the allocator. A
+/// process that flushes thousands of times a second rolls to a new segment every few dozen
+/// milliseconds; a fresh buffer is untouched memory, faulted in a page at a time while the
+/// segment fills, and an allocator that returns freed memory to the system at once (the
+/// dispatcher's mimalloc) gave the last one back just before.
+const SPARE_BUFS: usize = 2;
+
+static SPARE: parking_lot::Mutex<Vec<AlignedBuf>> =
+    parking_lot::const_mutex(Vec::new());
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        {
+            let mut spare = SPARE.lock();
+            if let Some(i) = spare.iter().position(|b| b.1 == len) {
+                return spare.swap_remove(i);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +65,19 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        {
+            let mut spare = SPARE.lock();
+            if spare.len() < SPARE_BUFS {
+                spare.push(AlignedBuf(
+                    std::mem::replace(&mut self.0, std::ptr::null_mut()),
+                    self.1,
+                ));
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
