@@ -2320,8 +2320,11 @@ mod tests {
     }
 
     /// sled is patched (vendor/sled/PATCHED.md) to hold up to 64 small entries per leaf and to
-    /// split leaves of large ones by size: many small keys and large events among them, half
-    /// of the due entries ended (leaves merge), all read back the same after a reopen.
+    /// split leaves of large ones by size, to clone a leaf with room for the insert it is cloned
+    /// for, and to reuse written-out log segment buffers: many small keys and large events among
+    /// them, half of the due entries ended (leaves merge), in a log of several segments (each
+    /// flush seals a buffer; a full one goes back to the spare buffers), all read back the same
+    /// after a reopen.
     #[tokio::test]
     async fn small_and_large_records_in_thousands_read_back_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -2349,6 +2352,11 @@ mod tests {
             }
             store.flush().await.unwrap();
         }
+        let log = std::fs::metadata(dir.path().join("db")).unwrap().len();
+        assert!(
+            log > 4 * 512 * 1024,
+            "the log spans several 512 KiB segments: {log} bytes"
+        );
         let store = Store::open(dir.path()).unwrap();
         for (n, e) in events.iter().enumerate() {
             let back = store.event(&e.id).unwrap().expect("every event is kept");
