@@ -229,6 +229,93 @@ impl Tree {
         }
     }
 
+    /// webhook-dispatcher patch: inserts (`Some`) or removes (`None`) each key in order, each
+    /// on its own as `insert` and `remove` do: no atomicity across keys, unlike `apply_batch`.
+    /// Consecutive writes that fall in the same leaf are applied to one copy of it and swapped
+    /// in at once (`PageCache::link_many`), where `insert` copies the leaf for every key: a
+    /// writer appending many keys in a row (ids that grow with time) copies each leaf once per
+    /// call rather than once per key.
+    ///
+    /// On an error, returns how many of the writes, from the first, were applied.
+    pub fn apply_each(
+        &self,
+        writes: &[(IVec, Option<IVec>)],
+    ) -> std::result::Result<(), (usize, Error)> {
+        let mut guard = pin();
+        let _cc = concurrency_control::read();
+        let mut i = 0;
+        while i < writes.len() {
+            match self.apply_each_inner(&writes[i..], &mut guard) {
+                Ok(Ok(n)) => i += n,
+                Ok(Err(Conflict)) => M.tree_looped(),
+                Err(e) => return Err((i, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the first of `writes` and those after it that fall in the same leaf, up to the
+    /// point the leaf should split; returns how many it applied.
+    fn apply_each_inner(
+        &self,
+        writes: &[(IVec, Option<IVec>)],
+        guard: &mut Guard,
+    ) -> Result<Conflictable<usize>> {
+        let View { node_view, pid, .. } =
+            self.view_for_key(writes[0].0.as_ref(), guard)?;
+        let mut node: Node = node_view.deref().clone();
+        let mut links = Vec::new();
+        let mut events = Vec::new();
+        let mut n = 0;
+        for (key, value) in writes {
+            let in_leaf = key.as_ref() >= node.lo.as_ref()
+                && (node.hi.is_empty() || key.as_ref() < node.hi.as_ref());
+            if n > 0 && (!in_leaf || node.should_split()) {
+                break;
+            }
+            n += 1;
+            let (encoded_key, last_value) = node.node_kv_pair(key.as_ref());
+            if *value == last_value {
+                // a no-op set or delete
+                continue;
+            }
+            let link = match value {
+                Some(value) => Link::Set(encoded_key, value.clone()),
+                None => Link::Del(encoded_key),
+            };
+            node.apply(&link);
+            links.push(link);
+            if let Some(reservation) = self.subscribers.reserve(key) {
+                let event = match value {
+                    Some(value) => subscriber::Event::Insert {
+                        key: key.clone(),
+                        value: value.clone(),
+                    },
+                    None => subscriber::Event::Remove { key: key.clone() },
+                };
+                events.push((reservation, event));
+            }
+        }
+        if links.is_empty() {
+            return Ok(Ok(n));
+        }
+        let linked = self.context.pagecache.link_many(
+            pid,
+            node_view.0,
+            node,
+            &links,
+            guard,
+        )?;
+        if linked.is_err() {
+            return Ok(Err(Conflict));
+        }
+        for (reservation, event) in events {
+            reservation.complete(&event);
+        }
+        guard.writeset.push(pid);
+        Ok(Ok(n))
+    }
+
     /// Perform a multi-key serializable transaction.
     ///
     /// # Examples

@@ -1149,6 +1149,107 @@ impl PageCache {
         }
     }
 
+    /// webhook-dispatcher patch: `link` of several changes to one page at once. `node` is the
+    /// page's node with every one of `links` applied, in order, to one copy of it: `link` copies
+    /// the node for each change. Each link is still logged as its own fragment, exactly as
+    /// `link` would log it, so the log reads back the same; a page whose fragments would reach
+    /// the consolidation threshold is replaced by `node` instead, as `link` replaces it then.
+    /// Returns `Ok(Ok(()))` once linked, `Ok(Err(()))` when the page changed meanwhile (the
+    /// caller reads it again and starts over).
+    pub(crate) fn link_many<'g>(
+        &'g self,
+        pid: PageId,
+        mut old: PageView<'g>,
+        node: Node,
+        links: &[Link],
+        guard: &'g Guard,
+    ) -> Result<std::result::Result<(), ()>> {
+        let _measure = Measure::new(&M.link_page);
+
+        if old.cache_infos.len() + links.len() >= PAGE_CONSOLIDATION_THRESHOLD
+        {
+            return Ok(self.replace(pid, old, node, guard)?.map(|_| ()).map_err(|_| ()));
+        }
+
+        let mut new_page = Some(Owned::new(Page {
+            update: Some(Box::new(Update::Node(node))),
+            cache_infos: Vec::default(),
+        }));
+
+        loop {
+            let mut reservations = Vec::with_capacity(links.len());
+            let mut new_cache_infos =
+                Vec::with_capacity(old.cache_infos.len() + links.len());
+            new_cache_infos.extend_from_slice(&old.cache_infos);
+            let mut ts = old.ts();
+            for link in links {
+                let log_reservation =
+                    self.log.reserve(LogKind::Link, pid, link, guard)?;
+                // As `link`: each change bumps the timestamp by one.
+                ts += 1;
+                new_cache_infos.push(CacheInfo {
+                    lsn: log_reservation.lsn(),
+                    pointer: log_reservation.pointer(),
+                    ts,
+                    log_size: log_reservation.reservation_len() as u64,
+                });
+                reservations.push(log_reservation);
+            }
+
+            let mut page_ptr = new_page.take().unwrap();
+            page_ptr.cache_infos = new_cache_infos;
+
+            debug_delay();
+            let result =
+                old.entry.compare_and_set(old.read, page_ptr, SeqCst, guard);
+
+            match result {
+                Ok(new_shared) => {
+                    unsafe {
+                        guard.defer_destroy(old.read);
+                    }
+
+                    assert_ne!(old.last_lsn(), 0);
+
+                    let linked = unsafe { &new_shared.deref().cache_infos };
+                    let first = linked.len() - links.len();
+                    for cache_info in &linked[first..] {
+                        self.log.iobufs.sa_mark_link(pid, *cache_info, guard);
+                    }
+
+                    // As in `link`: completed after the segment accounting.
+                    for log_reservation in reservations {
+                        log_reservation.complete()?;
+                    }
+
+                    let total_page_size =
+                        unsafe { new_shared.deref().log_size() };
+                    let to_evict =
+                        self.lru.accessed(pid, total_page_size, guard);
+                    if !to_evict.is_empty() {
+                        self.page_out(to_evict, guard)?;
+                    }
+
+                    return Ok(Ok(()));
+                }
+                Err(cas_error) => {
+                    for log_reservation in reservations {
+                        log_reservation.abort()?;
+                    }
+                    let actual = cas_error.current;
+                    let actual_ts = unsafe { actual.deref().ts() };
+                    if actual_ts == old.ts() {
+                        // Moved (rewritten elsewhere on disk), not changed: try again.
+                        new_page = Some(cas_error.new);
+                        old.read = actual;
+                    } else {
+                        return Ok(Err(()));
+                    }
+                }
+            }
+        }
+    }
+
     /// Node an existing page with a different set of `PageLink`s.
     /// Returns `Ok(new_key)` if the operation was successful. Returns
     /// `Err(None)` if the page no longer exists. Returns
