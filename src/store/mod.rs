@@ -247,10 +247,35 @@ const MAX_GROUP: usize = 4096;
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
-    writer: std::sync::mpsc::Sender<Write>,
+    writer: WriterHandle,
     /// Deliveries whose attempt is in flight; their due entries stay in sled until the outcome.
     claimed: Arc<std::sync::Mutex<Claims>>,
 }
+
+/// The way to the writer thread. An attempt's outcome is only queued: the writer, once it has
+/// applied outcomes, waits [`OUTCOME_GATHER`] for more before it blocks on the queue again, so
+/// that a stream of outcomes costs it one wake-up per gathering rather than one per outcome (a
+/// wake-up is a system call for the sender and a context switch for both). Everything else
+/// someone waits for (intake, a flush, an exclusive change) wakes it at once.
+#[derive(Clone)]
+struct WriterHandle {
+    tx: std::sync::mpsc::Sender<Write>,
+    thread: std::thread::Thread,
+}
+
+impl WriterHandle {
+    fn send(&self, w: Write) -> Result<(), std::sync::mpsc::SendError<Write>> {
+        let wake = !matches!(w, Write::Outcome { .. });
+        self.tx.send(w)?;
+        if wake {
+            self.thread.unpark();
+        }
+        Ok(())
+    }
+}
+
+/// How long the writer waits for more outcomes after applying some (see [`WriterHandle`]).
+const OUTCOME_GATHER: Duration = Duration::from_millis(1);
 
 fn key(prefix: u8, id: &Uuid) -> [u8; 17] {
     let mut k = [0u8; 17];
@@ -470,14 +495,16 @@ impl Store {
             watermark_every,
             max_fresh,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("sled-writer".into())
             .spawn(move || writer.run(wrx))
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
+            .thread()
+            .clone();
         Ok(Store {
             db,
             tree,
-            writer: wtx,
+            writer: WriterHandle { tx: wtx, thread },
             claimed,
         })
     }
@@ -1324,12 +1351,20 @@ impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Write>) {
         let mut next = None;
         let mut idle = IDLE_TRIM;
+        // Whether the last group had outcomes: more are likely on their way.
+        let mut gathering = false;
         loop {
             let first = match next.take() {
                 Some(w) => w,
                 None => match rx.try_recv() {
                     Ok(w) => w,
                     Err(TryRecvError::Disconnected) => return,
+                    // Outcomes queue up meanwhile without waking the writer (see `WriterHandle`).
+                    Err(TryRecvError::Empty) if gathering => {
+                        gathering = false;
+                        std::thread::park_timeout(OUTCOME_GATHER);
+                        continue;
+                    }
                     // Nothing queued: a moment to give memory back that nobody waits for.
                     Err(TryRecvError::Empty)
                         if self.changes > 0 && self.trimmed.elapsed() >= TRIM_INTERVAL =>
@@ -1378,6 +1413,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            gathering = group.iter().any(|w| matches!(w, Write::Outcome { .. }));
             self.apply(group);
         }
     }
