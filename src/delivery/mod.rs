@@ -73,14 +73,30 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     started: std::sync::atomic::AtomicBool,
     /// Encoded bodies of recent events, by event and format.
-    bodies: quick_cache::sync::Cache<(Uuid, Format), crate::payload::Body>,
+    bodies: quick_cache::sync::Cache<(Uuid, Format), Encoded>,
 }
+
+/// An event's body in one format, kept for every delivery of the event that needs it, with the
+/// event's name: a first attempt of a cached event needs nothing from storage (see
+/// [`Store::first_delivery`]).
+#[derive(Clone)]
+struct Encoded {
+    body: crate::payload::Body,
+    event: Arc<str>,
+}
+
+/// A subscription's URL as parsed, or why it cannot be.
+type Destination = Result<Arc<url::Url>, String>;
 
 /// A claimed delivery waiting for one of its lane's workers, with the slot and the engine permit
 /// it holds.
 struct Job {
     sub: Arc<Subscription>,
     due: store::Due,
+    /// Claimed from memory: a first attempt, no record of its own yet.
+    first: bool,
+    /// The subscription's URL, parsed once per lane and URL.
+    url: Destination,
     permits: (conn::Slot, OwnedSemaphorePermit),
 }
 
@@ -209,6 +225,8 @@ impl Engine {
             closed: CancellationToken::new(),
         });
         let _close = workers.closed.clone().drop_guard();
+        // The subscription's URL, parsed: again only when it changes.
+        let mut parsed: Option<(String, Destination)> = None;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -274,16 +292,28 @@ impl Engine {
                     if !self.registry.get(&id).is_some_and(|s| s.enabled) {
                         continue;
                     }
-                    match self.store.claim(&d) {
-                        Ok(true) => {
+                    match self.store.claim_entry(&d) {
+                        Ok(Some(claimed)) => {
+                            let url = match &parsed {
+                                Some((text, url)) if *text == sub.url => url.clone(),
+                                _ => {
+                                    let url = url::Url::parse(&sub.url)
+                                        .map(Arc::new)
+                                        .map_err(|e| format!("bad destination URL: {e}"));
+                                    parsed = Some((sub.url.clone(), url.clone()));
+                                    url
+                                }
+                            };
                             let job = Job {
                                 sub,
                                 due: d,
+                                first: claimed == store::Claimed::First,
+                                url,
                                 permits: (slot, permit),
                             };
                             self.hand_over(&workers, job, &wake);
                         }
-                        Ok(false) => {}
+                        Ok(None) => {}
                         Err(e) => {
                             tracing::error!(subscription = %id, error = %e, "claiming a delivery failed");
                         }
@@ -320,10 +350,7 @@ impl Engine {
         loop {
             let job = workers.jobs.lock().expect("jobs lock poisoned").pop_front();
             match job {
-                Some(job) => {
-                    self.attempt(job.sub, job.due, job.permits, wake.clone())
-                        .await
-                }
+                Some(job) => self.attempt(job, wake.clone()).await,
                 None if workers.closed.is_cancelled() => return,
                 None => {
                     workers.idle.fetch_add(1, SeqCst);
@@ -341,19 +368,31 @@ impl Engine {
     /// whose connection the attempt goes over, and the engine's) are given back once the HTTP
     /// exchange is over: the claim keeps the delivery from being taken again until its outcome is
     /// written.
-    async fn attempt(
-        self: &Arc<Self>,
-        sub: Arc<Subscription>,
-        due: store::Due,
-        mut permits: (conn::Slot, OwnedSemaphorePermit),
-        wake: Arc<Notify>,
-    ) {
+    async fn attempt(self: &Arc<Self>, job: Job, wake: Arc<Notify>) {
+        let Job {
+            sub,
+            due,
+            first,
+            url,
+            mut permits,
+        } = job;
         let delivery_id = due.delivery;
-        // The event is read with the delivery unless its body is encoded already.
+        // The event is read with the delivery unless its body is encoded already; a first
+        // attempt of an encoded event reads nothing.
         let cached = matches!(sub.format, Format::Amocrm | Format::Json)
-            && store::event_of(&delivery_id)
-                .is_some_and(|(event, _)| self.bodies.contains_key(&(event, sub.format)));
-        let (mut d, event) = match self.store.delivery_and_event(&delivery_id, !cached) {
+            .then(|| store::event_of(&delivery_id))
+            .flatten()
+            .and_then(|(event, _)| self.bodies.get(&(event, sub.format)));
+        let found = match &cached {
+            Some(c) if first => Ok(Store::first_delivery(&due, &c.event).map(|d| (d, None))),
+            _ if first => self
+                .store
+                .first_delivery_and_event(&delivery_id, cached.is_none()),
+            _ => self
+                .store
+                .delivery_and_event(&delivery_id, cached.is_none()),
+        };
+        let (mut d, event) = match found {
             Ok(Some(found)) => found,
             Ok(None) => {
                 tracing::error!(delivery = %delivery_id, "claimed delivery has no record");
@@ -367,8 +406,7 @@ impl Engine {
             }
         };
         let n = d.attempts.len() as u32 + 1;
-        // Parsed once per attempt: its host for the log and the stream, the URL for the request.
-        let url = url::Url::parse(&sub.url).map_err(|e| format!("bad destination URL: {e}"));
+        // Its host for the log and the stream; the URL for the request.
         let host = url
             .as_ref()
             .ok()
@@ -399,7 +437,11 @@ impl Engine {
             });
         }
         let started_at = now_ms();
-        let outcome = match url.and_then(|url| Ok((url, self.prepare(&sub, &d, event)?))) {
+        let body = match cached {
+            Some(c) => Ok(c.body),
+            None => self.prepare(&sub, &d, event),
+        };
+        let outcome = match url.and_then(|url| Ok((url, body?))) {
             Ok((url, body)) => {
                 let timeout = sub
                     .timeout_ms
@@ -587,8 +629,8 @@ impl Engine {
         // the subscription's mapping (and a form's boundary is random), so they are not kept.
         let shared = matches!(sub.format, Format::Amocrm | Format::Json);
         let cache_key = (d.event_id, sub.format);
-        if shared && let Some(body) = self.bodies.get(&cache_key) {
-            return Ok(body);
+        if shared && let Some(c) = self.bodies.get(&cache_key) {
+            return Ok(c.body);
         }
         let stored = match event {
             Some(e) => e,
@@ -605,7 +647,14 @@ impl Engine {
             .encode(&event, &self.settings.account, &mapping)
             .map_err(|e| e.to_string())?;
         if shared {
-            self.bodies.insert(cache_key, body.clone());
+            let event = Arc::from(stored.name.as_str());
+            self.bodies.insert(
+                cache_key,
+                Encoded {
+                    body: body.clone(),
+                    event,
+                },
+            );
         }
         Ok(body)
     }

@@ -319,6 +319,15 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("model types serialise to JSON")
 }
 
+/// Where a claimed due entry was (see [`Store::claim_entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// In memory: the delivery waits for its first attempt and has no record of its own.
+    First,
+    /// In sled's due index.
+    Indexed,
+}
+
 /// A due entry: the delivery `delivery` of lane `subscription` is due at `due_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Due {
@@ -698,8 +707,27 @@ impl Store {
         id: &Uuid,
         with_event: bool,
     ) -> Result<Option<(Delivery, Option<StoredEvent>)>, StoreError> {
+        self.read_delivery(id, with_event, false)
+    }
+
+    /// [`Store::delivery_and_event`] of a delivery claimed as [`Claimed::First`]: it has no
+    /// record of its own, so only its event is read.
+    pub fn first_delivery_and_event(
+        &self,
+        id: &Uuid,
+        with_event: bool,
+    ) -> Result<Option<(Delivery, Option<StoredEvent>)>, StoreError> {
+        self.read_delivery(id, with_event, true)
+    }
+
+    fn read_delivery(
+        &self,
+        id: &Uuid,
+        with_event: bool,
+        first: bool,
+    ) -> Result<Option<(Delivery, Option<StoredEvent>)>, StoreError> {
         let k = key(DELIVERY, id);
-        let stored = match self.tree.get(k)? {
+        let stored = match if first { None } else { self.tree.get(k)? } {
             Some(v) if v == TOMBSTONE => return Ok(None),
             Some(v) => Some(delivery_record(&k, &v)?),
             None => None,
@@ -916,19 +944,51 @@ impl Store {
 
     /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
     pub fn claim(&self, due: &Due) -> Result<bool, StoreError> {
+        Ok(self.claim_entry(due)?.is_some())
+    }
+
+    /// [`Store::claim`], telling where the entry was: `Some(Claimed::First)` when it was one
+    /// kept in memory, a delivery waiting for its first attempt since intake, which has no
+    /// record of its own yet (see [`Store::first_delivery`]).
+    pub fn claim_entry(&self, due: &Due) -> Result<Option<Claimed>, StoreError> {
         let mut claimed = self.claimed_set();
-        if claimed.held.contains(&due.delivery)
-            || !(claimed
-                .fresh
-                .contains(&due.subscription, due.due_ms, &due.delivery)
-                || self
-                    .tree
-                    .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?)
-        {
-            return Ok(false);
+        if claimed.held.contains(&due.delivery) {
+            return Ok(None);
         }
+        let kind = if claimed
+            .fresh
+            .contains(&due.subscription, due.due_ms, &due.delivery)
+        {
+            Claimed::First
+        } else if self
+            .tree
+            .contains_key(due_key(&due.subscription, due.due_ms, &due.delivery))?
+        {
+            Claimed::Indexed
+        } else {
+            return Ok(None);
+        };
         claimed.held.insert(due.delivery);
-        Ok(true)
+        Ok(Some(kind))
+    }
+
+    /// A delivery claimed as [`Claimed::First`], as intake created it, from what its due entry
+    /// and its event's name say, without reading storage: it is pending, due at its event's
+    /// arrival (`due.due_ms`), and has no record of its own until its first outcome.
+    pub fn first_delivery(due: &Due, event_name: &str) -> Option<Delivery> {
+        let (event_id, _) = event_of(&due.delivery)?;
+        Some(Delivery {
+            id: due.delivery,
+            event_id,
+            event: event_name.to_string(),
+            subscription_id: due.subscription,
+            status: DeliveryStatus::Pending,
+            created_at: due.due_ms,
+            next_attempt_at: Some(due.due_ms),
+            ended_at: None,
+            error: None,
+            attempts: Vec::new(),
+        })
     }
 
     /// Gives a claim up without an outcome (the attempt did not run).
@@ -2512,6 +2572,48 @@ mod tests {
             .collect();
         assert_eq!(got.len(), model.len());
         assert!(got == model, "the log replays to what the model holds");
+    }
+
+    /// A first attempt's due entry is in memory: it is claimed as such, and the delivery made
+    /// from the entry and the event's name, without reading storage, is the one storage
+    /// holds. A retry's entry is in sled's index, and claimed as indexed.
+    #[tokio::test]
+    async fn a_first_attempt_is_claimed_from_memory_and_made_without_reading_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let subs = [Uuid::now_v7(), Uuid::now_v7()];
+        // Received now: one waiting long has its entry moved to sled (see `fresh`).
+        let at = now_ms();
+        let e = event(&subs, at);
+        accept_now(&store, std::slice::from_ref(&e)).await;
+        let due = store.due_entries(&subs[1], 1).unwrap().remove(0);
+        assert_eq!(store.claim_entry(&due).unwrap(), Some(Claimed::First));
+        assert_eq!(store.claim_entry(&due).unwrap(), None, "claimed once");
+        let stored = store.delivery(&due.delivery).unwrap().unwrap();
+        assert_eq!(stored.subscription_id, subs[1]);
+        assert_eq!(Store::first_delivery(&due, &e.name), Some(stored.clone()));
+        let (read, event) = store
+            .first_delivery_and_event(&due.delivery, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(read, stored);
+        assert_eq!(event.unwrap().event, e.event);
+
+        let mut failed = stored;
+        failed.attempts.push(Attempt {
+            n: 1,
+            started_at: at + 100,
+            duration_ms: 3,
+            code: 500,
+            error: None,
+            response_body: None,
+        });
+        failed.next_attempt_at = Some(at + 60_000);
+        assert!(store.record_attempt(&failed, due.due_ms).await.unwrap());
+        let retry = store.due_entries(&subs[1], 1).unwrap().remove(0);
+        assert_eq!((retry.due_ms, retry.delivery), (at + 60_000, due.delivery));
+        assert_eq!(store.claim_entry(&retry).unwrap(), Some(Claimed::Indexed));
+        assert_eq!(store.delivery(&due.delivery).unwrap(), Some(failed));
     }
 
     #[tokio::test]
