@@ -1777,12 +1777,12 @@ impl Writer {
     }
 }
 
-/// The writes of one group of changes. A change of one key is written on its own and the others
-/// as one atomic batch: each change must be atomic, not the group, and sled rolls its log buffer
-/// over for every batch (sealing it and handing it to its I/O threads, which write it out with
-/// `sync_file_range`), while a single insert only appends to the buffer. Most changes are of one
-/// key: an event taken in, a delivery's first outcome. `first` (a watermark moving back) is
-/// written before all of them.
+/// The writes of one group of changes. The changes of one key are written each on its own (in
+/// key order, see [`Changes::apply`]) and the others as one atomic batch: each change must be
+/// atomic, not the group, and sled rolls its log buffer over for every batch (sealing it and
+/// handing it to its I/O threads, which write it out), while single writes only append to the
+/// buffer. Most changes are of one key: an event taken in, a delivery's first outcome. `first`
+/// (a watermark moving back) is written before all of them.
 #[derive(Default)]
 struct Changes {
     first: Option<KeyWrite>,
@@ -2574,6 +2574,30 @@ mod tests {
         assert!(got == model, "the log replays to what the model holds");
     }
 
+    /// With a subscriber (`watch_prefix`), `apply_each` writes key by key, as `insert` does: the
+    /// subscriber sees every write, in order, and none waits on another.
+    #[test]
+    fn writes_applied_per_leaf_reach_a_subscriber_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let mut events = tree.watch_prefix(b"k");
+        let writes: Vec<(sled::IVec, Option<sled::IVec>)> = (0..50u8)
+            .map(|i| (vec![b'k', i].into(), Some(vec![i].into())))
+            .chain([(vec![b'k', 3].into(), None)])
+            .collect();
+        tree.apply_each(&writes).unwrap();
+        for (k, v) in &writes {
+            match events.next().expect("an event per write") {
+                sled::Event::Insert { key, value } => {
+                    assert_eq!((&key, Some(&value)), (k, v.as_ref()));
+                }
+                sled::Event::Remove { key } => assert_eq!((&key, None), (k, v.as_ref())),
+            }
+        }
+        assert_eq!(tree.len(), 49);
+    }
+
     /// A first attempt's due entry is in memory: it is claimed as such, and the delivery made
     /// from the entry and the event's name, without reading storage, is the one storage
     /// holds. A retry's entry is in sled's index, and claimed as indexed.
@@ -2614,6 +2638,31 @@ mod tests {
         assert_eq!((retry.due_ms, retry.delivery), (at + 60_000, due.delivery));
         assert_eq!(store.claim_entry(&retry).unwrap(), Some(Claimed::Indexed));
         assert_eq!(store.delivery(&due.delivery).unwrap(), Some(failed));
+    }
+
+    /// An event over a quarter of a 512 KiB log segment goes to a sled blob file of its own
+    /// (patched to be synced with its directory before the log points to it): it and the
+    /// events around it read back after a reopen.
+    #[tokio::test]
+    async fn an_event_larger_than_sled_puts_in_its_log_reads_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let mut big = event(&[sub], now_ms());
+        big.event["data"]["note"] = json!("ж".repeat(150 * 1024));
+        let events = [event(&[sub], now_ms()), big, event(&[sub], now_ms())];
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for e in &events {
+                accept_now(&store, std::slice::from_ref(e)).await;
+            }
+        }
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs >= 1, "the large event went to a blob file");
+        let store = Store::open(dir.path()).unwrap();
+        for e in &events {
+            let back = store.event(&e.id).unwrap().expect("every event is kept");
+            assert_eq!(back.event, e.event);
+        }
     }
 
     #[tokio::test]

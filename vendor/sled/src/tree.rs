@@ -236,7 +236,12 @@ impl Tree {
     /// writer appending many keys in a row (ids that grow with time) copies each leaf once per
     /// call rather than once per key.
     ///
-    /// On an error, returns how many of the writes, from the first, were applied.
+    /// On an error, returns how many of the writes, from the first, are known to be applied:
+    /// those of the leaf being written when it came may be too (as a single `insert` may have
+    /// applied its key when it fails after the swap).
+    ///
+    /// With subscribers (`watch_prefix`) each write goes on its own, as with `insert`, so a
+    /// subscriber never waits on a reservation held with others.
     pub fn apply_each(
         &self,
         writes: &[(IVec, Option<IVec>)],
@@ -267,10 +272,11 @@ impl Tree {
         let mut links = Vec::new();
         let mut events = Vec::new();
         let mut n = 0;
+        let watched = self.subscribers.ever_used();
         for (key, value) in writes {
             let in_leaf = key.as_ref() >= node.lo.as_ref()
                 && (node.hi.is_empty() || key.as_ref() < node.hi.as_ref());
-            if n > 0 && (!in_leaf || node.should_split()) {
+            if n > 0 && (watched || !in_leaf || node.should_split()) {
                 break;
             }
             n += 1;
