@@ -105,8 +105,16 @@ struct Opts {
     backlog_pace: f64,
     /// The `paced` scenario's rate, events/s (its target is set at 400: another rate leaves the
     /// target unjudged)
-    #[arg(long, default_value_t = 400.0)]
+    #[arg(long, default_value_t = 400.0, value_parser = positive_rate)]
     paced_rate: f64,
+}
+
+/// A rate of events per second: a finite number above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate of events per second above 0")),
+    }
 }
 
 /// Counts and durations of the scenarios.

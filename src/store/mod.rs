@@ -360,6 +360,28 @@ fn encode_event(e: &StoredEvent) -> Result<Vec<u8>, StoreError> {
     Ok(v)
 }
 
+/// A delivery as intake created it: pending, due at its event's arrival, no attempt yet.
+fn initial_delivery(
+    id: Uuid,
+    event_id: Uuid,
+    event: &str,
+    subscription_id: Uuid,
+    received_at: u64,
+) -> Delivery {
+    Delivery {
+        id,
+        event_id,
+        event: event.to_string(),
+        subscription_id,
+        status: DeliveryStatus::Pending,
+        created_at: received_at,
+        next_attempt_at: Some(received_at),
+        ended_at: None,
+        error: None,
+        attempts: Vec::new(),
+    }
+}
+
 /// The fixed part of an event record, read without parsing the event's JSON.
 struct EventHead<'a> {
     received_at: u64,
@@ -408,18 +430,13 @@ impl<'a> EventHead<'a> {
 
     /// Delivery `index` as intake created it: pending, due at the event's arrival.
     fn initial(&self, event: &Uuid, index: usize) -> Delivery {
-        Delivery {
-            id: delivery_id(event, index),
-            event_id: *event,
-            event: self.name.to_string(),
-            subscription_id: self.subscription(index),
-            status: DeliveryStatus::Pending,
-            created_at: self.received_at,
-            next_attempt_at: Some(self.received_at),
-            ended_at: None,
-            error: None,
-            attempts: Vec::new(),
-        }
+        initial_delivery(
+            delivery_id(event, index),
+            *event,
+            self.name,
+            self.subscription(index),
+            self.received_at,
+        )
     }
 
     fn event(&self, id: &Uuid, k: &[u8]) -> Result<StoredEvent, StoreError> {
@@ -977,18 +994,13 @@ impl Store {
     /// arrival (`due.due_ms`), and has no record of its own until its first outcome.
     pub fn first_delivery(due: &Due, event_name: &str) -> Option<Delivery> {
         let (event_id, _) = event_of(&due.delivery)?;
-        Some(Delivery {
-            id: due.delivery,
+        Some(initial_delivery(
+            due.delivery,
             event_id,
-            event: event_name.to_string(),
-            subscription_id: due.subscription,
-            status: DeliveryStatus::Pending,
-            created_at: due.due_ms,
-            next_attempt_at: Some(due.due_ms),
-            ended_at: None,
-            error: None,
-            attempts: Vec::new(),
-        })
+            event_name,
+            due.subscription,
+            due.due_ms,
+        ))
     }
 
     /// Gives a claim up without an outcome (the attempt did not run).
@@ -1855,11 +1867,11 @@ impl Changes {
     /// sled's tree (events and deliveries have ids that grow with time) are applied to one copy
     /// of it, where a write of each on its own copies the leaf for each.
     fn apply(self, tree: &sled::Tree) -> Applied {
-        let mut order: Vec<usize> = (0..self.singles.len()).collect();
-        order.sort_by(|&a, &b| self.singles[a].0.cmp(&self.singles[b].0));
-        let mut ranks = vec![0; order.len()];
-        for (rank, &i) in order.iter().enumerate() {
-            ranks[i] = rank;
+        let mut singles: Vec<(usize, KeyWrite)> = self.singles.into_iter().enumerate().collect();
+        singles.sort_by(|a, b| a.1.0.cmp(&b.1.0));
+        let mut ranks = vec![0; singles.len()];
+        for (rank, (i, _)) in singles.iter().enumerate() {
+            ranks[*i] = rank;
         }
         let mut applied = Applied {
             ranks,
@@ -1873,13 +1885,9 @@ impl Changes {
             applied.error = Some(e.to_string());
             return applied;
         }
-        let mut singles: Vec<Option<KeyWrite>> = self.singles.into_iter().map(Some).collect();
-        let writes: Vec<(sled::IVec, Option<sled::IVec>)> = order
-            .iter()
-            .map(|&i| {
-                let (k, v) = singles[i].take().expect("each single is written once");
-                (sled::IVec::from(k), v.map(sled::IVec::from))
-            })
+        let writes: Vec<(sled::IVec, Option<sled::IVec>)> = singles
+            .into_iter()
+            .map(|(_, (k, v))| (sled::IVec::from(k), v.map(sled::IVec::from)))
             .collect();
         match tree.apply_each(&writes) {
             Ok(()) => applied.singles = writes.len(),
