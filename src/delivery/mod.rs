@@ -385,12 +385,9 @@ impl Engine {
             .and_then(|(event, _)| self.bodies.get(&(event, sub.format)));
         let found = match &cached {
             Some(c) if first => Ok(Store::first_delivery(&due, &c.event).map(|d| (d, None))),
-            _ if first => self
-                .store
-                .first_delivery_and_event(&delivery_id, cached.is_none()),
             _ => self
                 .store
-                .delivery_and_event(&delivery_id, cached.is_none()),
+                .read_delivery(&delivery_id, cached.is_none(), first),
         };
         let (mut d, event) = match found {
             Ok(Some(found)) => found,

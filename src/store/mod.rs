@@ -727,17 +727,9 @@ impl Store {
         self.read_delivery(id, with_event, false)
     }
 
-    /// [`Store::delivery_and_event`] of a delivery claimed as [`Claimed::First`]: it has no
-    /// record of its own, so only its event is read.
-    pub fn first_delivery_and_event(
-        &self,
-        id: &Uuid,
-        with_event: bool,
-    ) -> Result<Option<(Delivery, Option<StoredEvent>)>, StoreError> {
-        self.read_delivery(id, with_event, true)
-    }
-
-    fn read_delivery(
+    /// [`Store::delivery_and_event`]; `first` for a delivery claimed as [`Claimed::First`],
+    /// which has no record of its own, so that only its event is read.
+    pub fn read_delivery(
         &self,
         id: &Uuid,
         with_event: bool,
@@ -2625,7 +2617,7 @@ mod tests {
         assert_eq!(stored.subscription_id, subs[1]);
         assert_eq!(Store::first_delivery(&due, &e.name), Some(stored.clone()));
         let (read, event) = store
-            .first_delivery_and_event(&due.delivery, true)
+            .read_delivery(&due.delivery, true, true)
             .unwrap()
             .unwrap();
         assert_eq!(read, stored);
