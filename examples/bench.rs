@@ -77,9 +77,10 @@ struct Opts {
     /// The daemon's delivery.per_subscription
     #[arg(long, default_value_t = 16)]
     per_subscription: usize,
-    /// The daemon's delivery.concurrency
-    #[arg(long, default_value_t = 512)]
-    daemon_concurrency: usize,
+    /// The daemon's delivery.concurrency (default: --concurrency, so that the daemon has no more
+    /// deliveries in flight than the baseline has requests; the daemon's own default is 512)
+    #[arg(long)]
+    daemon_concurrency: Option<usize>,
     /// The daemon's log.level (its stderr goes to /dev/null unless --daemon-log)
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -1083,6 +1084,7 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
     .await?;
     ctx.log(format!("fanout: {n} events × {FANOUT_SUBS} subscriptions"));
     let p0 = inst.daemon.stat();
+    let me0 = stats::proc_stat("self");
     let run = load::closed(
         &format!("{base}/v1/events"),
         c,
@@ -1097,6 +1099,7 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
     let expect = (WARM as u64 + accepted) * FANOUT_SUBS as u64;
     let complete = wait_until(ctx.sizes.deliver_wait, || total(&recs) >= expect).await;
     let p1 = inst.daemon.stat();
+    let me1 = stats::proc_stat("self");
     let d = delivered(&run, &recs, complete);
     report_delivered(&mut o, &d, "deliveries", ctx.sizes.deliver_wait);
     if accepted as usize != n {
@@ -1154,6 +1157,19 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
             mib(b.hwm_kb),
         );
     }
+    if let (Some(a), Some(b)) = (me0, me1) {
+        let cpu = b.cpu_s - a.cpu_s;
+        o.fig(
+            "bench_cpu_s",
+            "bench process CPU s over the run (load generator + sink)",
+            cpu,
+            format!(
+                "{cpu:.1} ({:.0}% of one core; {:.0} µs per delivery)",
+                100.0 * cpu / window,
+                1e6 * cpu / d.arrived.max(1) as f64
+            ),
+        );
+    }
     check_dups(&mut o, &recs);
     if !complete {
         o.values.remove("deliveries_per_s");
@@ -1166,7 +1182,7 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
         per * FANOUT_SUBS as u64,
         format!(
             "per_subscription {per} × {FANOUT_SUBS} subscriptions, all on the one sink address (delivery.concurrency {} bounds those in flight at once)",
-            ctx.opts.daemon_concurrency
+            ctx.knobs.concurrency
         ),
     ));
     for k in 0..FANOUT_SUBS {
@@ -2449,7 +2465,7 @@ async fn main() -> Result<()> {
     let sink = Sink::start(clock.clone()).await?;
     let knobs = Knobs {
         per_subscription: opts.per_subscription,
-        concurrency: opts.daemon_concurrency,
+        concurrency: opts.daemon_concurrency.unwrap_or(opts.concurrency),
         timeout: "2s".into(),
         log_level: opts.log_level.clone(),
     };
