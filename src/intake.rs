@@ -182,6 +182,8 @@ impl Intake {
         let mut items = Vec::with_capacity(events.len());
         let mut receipts = Vec::with_capacity(events.len());
         let mut touched: Vec<Uuid> = Vec::new();
+        // What to encode while the flush is under way: each new event and where it goes.
+        let mut primes = Vec::with_capacity(events.len());
         let mut created = 0usize;
         let durable = {
             let _gate = self.registry.intake_gate().await;
@@ -253,10 +255,15 @@ impl Intake {
                     event: event.to_value(),
                     subscriptions: subs.iter().map(|s| s.id).collect(),
                 });
+                primes.push((event_id, event, subs));
             }
             // Queued under the gate: a subscription deleted after this is cleaned up after it.
             self.store.accept(&items, &keys)?
         };
+        for ((id, event, subs), item) in primes.iter().zip(&items) {
+            self.engine
+                .prime(*id, &Arc::from(item.name.as_str()), event, subs);
+        }
         // Also when every event was a repeat: the first request may not be flushed yet.
         durable.wait().await?;
         self.metrics.events_accepted(items.len(), created);
