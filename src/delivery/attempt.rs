@@ -12,11 +12,16 @@ use super::guard::{Guard, GuardedResolver};
 use super::signature;
 use crate::store::Subscription;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 /// How much of a response body the log keeps.
 const KEPT_BODY: usize = 1024;
@@ -127,11 +132,11 @@ pub async fn send(
         sub,
         url,
         headers: [
-            ("content-type", content_type),
-            ("x-request-id", Uuid::new_v4().to_string()),
-            ("webhook-id", msg_id),
-            ("webhook-timestamp", timestamp.to_string()),
-            ("webhook-signature", sig),
+            (header::CONTENT_TYPE, content_type),
+            (X_REQUEST_ID, Uuid::new_v4().to_string()),
+            (WEBHOOK_ID, msg_id),
+            (WEBHOOK_TIMESTAMP, timestamp.to_string()),
+            (WEBHOOK_SIGNATURE, sig),
         ],
         body,
         timeout,
@@ -148,7 +153,7 @@ struct Outgoing<'a> {
     sub: &'a Subscription,
     url: &'a url::Url,
     /// The protocol's own headers (SPEC §7), before the subscription's.
-    headers: [(&'static str, String); 5],
+    headers: [(HeaderName, String); 5],
     body: Bytes,
     timeout: Duration,
     started: Instant,
@@ -290,7 +295,7 @@ async fn send_direct(
 fn build_request(
     url: &url::Url,
     user_agent: &HeaderValue,
-    headers: [(&'static str, String); 5],
+    headers: [(HeaderName, String); 5],
     sub: &Subscription,
     body: Bytes,
 ) -> Result<http::Request<Full<Bytes>>, http::Error> {
@@ -300,21 +305,26 @@ fn build_request(
         Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
     };
-    let mut rb = http::Request::post(target);
+    // Built in place rather than through `http::request::Builder`, which moves the request's
+    // parts along at every header: this runs for every attempt.
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::try_from(target)?;
+    let map = request.headers_mut();
+    map.reserve(headers.len() + sub.headers.len() + 3);
     for (k, v) in headers {
-        rb = rb.header(k, v);
+        map.append(k, HeaderValue::try_from(v)?);
     }
     for (k, v) in &sub.headers {
-        rb = rb.header(k.as_str(), v.as_str());
+        map.append(
+            HeaderName::try_from(k.as_str())?,
+            HeaderValue::try_from(v.as_str())?,
+        );
     }
-    let mut request = rb
-        .header(header::USER_AGENT, user_agent.clone())
-        .header(header::HOST, host)
-        .body(Full::new(body))?;
+    map.append(header::USER_AGENT, user_agent.clone());
+    map.append(header::HOST, HeaderValue::try_from(host)?);
     // reqwest's default, unless the subscription's own headers name one.
-    request
-        .headers_mut()
-        .entry(header::ACCEPT)
+    map.entry(header::ACCEPT)
         .or_insert(HeaderValue::from_static("*/*"));
     Ok(request)
 }
@@ -460,11 +470,11 @@ mod tests {
         }))
         .unwrap();
         let headers = [
-            ("content-type", "application/json".to_string()),
-            ("x-request-id", "r".to_string()),
-            ("webhook-id", "i".to_string()),
-            ("webhook-timestamp", "1".to_string()),
-            ("webhook-signature", "v1,s".to_string()),
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (X_REQUEST_ID, "r".to_string()),
+            (WEBHOOK_ID, "i".to_string()),
+            (WEBHOOK_TIMESTAMP, "1".to_string()),
+            (WEBHOOK_SIGNATURE, "v1,s".to_string()),
         ];
         let ua = HeaderValue::from_static("webhook-dispatcher/test");
         let url = url::Url::parse("http://[::1]:9000/amo/hook?key=abc#frag").unwrap();
