@@ -522,18 +522,13 @@ async fn baseline(ctx: &Ctx) -> Result<Outcome> {
             good + bad
         ));
     }
-    if let (Some(a), Some(b)) = (me0, me1) {
-        let cpu = b.cpu_s - a.cpu_s;
-        o.fig(
-            "bench_cpu_s",
-            "bench process CPU s (client + sink)",
-            cpu,
-            format!(
-                "{cpu:.1} ({:.0}% of one core)",
-                100.0 * cpu / elapsed.as_secs_f64()
-            ),
-        );
-    }
+    bench_cpu(
+        &mut o,
+        "bench process CPU s (client + sink)",
+        (me0, me1),
+        elapsed.as_secs_f64(),
+        None,
+    );
     o.conns = Some(conn_fig(
         ctx,
         c0,
@@ -681,15 +676,13 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
             mib(b.hwm_kb),
         );
     }
-    if let (Some(a), Some(b)) = (me0, me1) {
-        let cpu = b.cpu_s - a.cpu_s;
-        o.fig(
-            "bench_cpu_s",
-            "bench process CPU s over the run (load generator + sink)",
-            cpu,
-            format!("{cpu:.1} ({:.0}% of one core)", 100.0 * cpu / deliver_s),
-        );
-    }
+    bench_cpu(
+        &mut o,
+        "bench process CPU s over the run (load generator + sink)",
+        (me0, me1),
+        deliver_s,
+        None,
+    );
     check_dups(&mut o, std::slice::from_ref(&rec));
 
     // Half the peak: the sustainable peak is the lower of intake and delivery.
@@ -1041,6 +1034,30 @@ async fn storage(ctx: &Ctx) -> Result<Outcome> {
     Ok(o)
 }
 
+/// The bench process's own CPU (load generator and sink) between two readings, as a share of one
+/// core over `secs`, and per delivery when `deliveries` is given.
+fn bench_cpu(
+    o: &mut Outcome,
+    label: &str,
+    readings: (Option<stats::ProcStat>, Option<stats::ProcStat>),
+    secs: f64,
+    deliveries: Option<u64>,
+) {
+    let (Some(a), Some(b)) = readings else {
+        return;
+    };
+    let cpu = b.cpu_s - a.cpu_s;
+    let per = deliveries.map_or(String::new(), |n| {
+        format!("; {:.0} µs per delivery", 1e6 * cpu / n.max(1) as f64)
+    });
+    o.fig(
+        "bench_cpu_s",
+        label,
+        cpu,
+        format!("{cpu:.1} ({:.0}% of one core{per})", 100.0 * cpu / secs),
+    );
+}
+
 async fn fanout(ctx: &Ctx) -> Result<Outcome> {
     let c = ctx.opts.concurrency;
     let n = ctx.sizes.fanout;
@@ -1157,19 +1174,13 @@ async fn fanout(ctx: &Ctx) -> Result<Outcome> {
             mib(b.hwm_kb),
         );
     }
-    if let (Some(a), Some(b)) = (me0, me1) {
-        let cpu = b.cpu_s - a.cpu_s;
-        o.fig(
-            "bench_cpu_s",
-            "bench process CPU s over the run (load generator + sink)",
-            cpu,
-            format!(
-                "{cpu:.1} ({:.0}% of one core; {:.0} µs per delivery)",
-                100.0 * cpu / window,
-                1e6 * cpu / d.arrived.max(1) as f64
-            ),
-        );
-    }
+    bench_cpu(
+        &mut o,
+        "bench process CPU s over the run (load generator + sink)",
+        (me0, me1),
+        window,
+        Some(d.arrived as u64),
+    );
     check_dups(&mut o, &recs);
     if !complete {
         o.values.remove("deliveries_per_s");
