@@ -688,26 +688,19 @@ impl Engine {
     /// storage. Runs while intake waits for its flush. The body is the one [`Engine::prepare`]
     /// makes from the stored event (a test checks it with every captured vector).
     pub fn prime(&self, id: Uuid, name: &Arc<str>, event: &Event, subs: &[Arc<Subscription>]) {
-        let mut done: [Option<Format>; 2] = [None; 2];
-        for sub in subs {
-            let format = sub.format;
-            if !sub.enabled
-                || !matches!(format, Format::Amocrm | Format::Json)
-                || done.contains(&Some(format))
-            {
+        for format in [Format::Amocrm, Format::Json] {
+            if !subs.iter().any(|s| s.enabled && s.format == format) {
                 continue;
             }
-            done[usize::from(done[0].is_some())] = Some(format);
-            match format.encode(event, &self.settings.account, &Mapping::default()) {
-                Ok(body) => self.bodies.insert(
+            // These two formats cannot fail (only a Creatio mapping can).
+            if let Ok(body) = format.encode(event, &self.settings.account, &Mapping::default()) {
+                self.bodies.insert(
                     (id, format),
                     Encoded {
                         body,
                         event: name.clone(),
                     },
-                ),
-                // Not for these formats; the attempt encodes it again and says why.
-                Err(_) => continue,
+                );
             }
         }
     }
