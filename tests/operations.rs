@@ -63,8 +63,14 @@ async fn the_log_filters_and_pages_newest_first() {
             .emit(json!({"event": "add_lead", "data": {"id": i}}))
             .await;
     }
+    // `since` compares whole milliseconds: `mid` is taken in a later millisecond than the earlier
+    // events were created in, and the later events are created in a later one than `mid`.
+    let t = Instant::now();
+    wait_for("a new millisecond", WAIT, || {
+        (t.elapsed() >= Duration::from_millis(2)).then_some(())
+    })
+    .await;
     let mid = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    // Make sure the later events are created in a later millisecond than `mid`.
     let t = Instant::now();
     wait_for("a new millisecond", WAIT, || {
         (t.elapsed() >= Duration::from_millis(2)).then_some(())
