@@ -14,6 +14,7 @@
 //! store's writer thread once written (metrics, the live stream, waking the lane).
 
 pub mod attempt;
+mod bodies;
 pub mod conn;
 pub mod guard;
 pub mod retry;
@@ -28,6 +29,7 @@ use crate::payload::creatio::Mapping;
 use crate::store::{self, Attempt, Delivery, DeliveryStatus, DisabledReason, Store, Subscription};
 use crate::subscription::{Registry, now_ms};
 use attempt::{AttemptOutcome, AttemptRequest};
+use bodies::Bodies;
 use guard::Guard;
 use retry::is_success;
 use serde_json::{Map, Value};
@@ -72,28 +74,8 @@ pub struct Engine {
     stream: AttemptStream,
     metrics: Arc<Metrics>,
     started: std::sync::atomic::AtomicBool,
-    /// Encoded bodies of recent events, by event and format.
-    bodies: quick_cache::sync::Cache<(Uuid, Format), Encoded, BodyWeight>,
-}
-
-/// An event's body in one format, kept for every delivery of the event that needs it, with the
-/// event's name: a first attempt of a cached event needs nothing from storage (see
-/// [`Store::first_delivery`]).
-#[derive(Clone)]
-struct Encoded {
-    body: crate::payload::Body,
-    event: Arc<str>,
-}
-
-/// Weighs a kept body by the memory it takes: its bytes, its event's name, and about what the
-/// entry costs besides.
-#[derive(Clone)]
-struct BodyWeight;
-
-impl quick_cache::Weighter<(Uuid, Format), Encoded> for BodyWeight {
-    fn weight(&self, _: &(Uuid, Format), v: &Encoded) -> u64 {
-        (v.body.bytes.len() + v.body.content_type.len() + v.event.len() + 96) as u64
-    }
+    /// Encoded bodies of recent events, by event and format, until their deliveries take them.
+    bodies: Bodies,
 }
 
 /// A subscription's URL as parsed, or why it cannot be.
@@ -126,15 +108,6 @@ struct Workers {
 /// How many due entries a lane reads from the index at once.
 const READ_AHEAD: usize = 64;
 
-/// How much memory the engine's encoded bodies may take: 8 MiB, about 18,000 bodies of an
-/// ordinary amoCRM event.
-const BODY_CACHE_BYTES: u64 = 8 << 20;
-
-/// The share of [`BODY_CACHE_BYTES`] for bodies used more than once. The rest holds new bodies
-/// until their first use: a body encoded at intake waits there for its event's first attempt,
-/// which may come a few thousand events later when the lanes lag behind intake.
-const BODY_CACHE_HOT: f64 = 0.5;
-
 impl Engine {
     pub fn new(
         store: Store,
@@ -160,17 +133,7 @@ impl Engine {
             stream,
             metrics,
             started: std::sync::atomic::AtomicBool::new(false),
-            bodies: quick_cache::sync::Cache::with_options(
-                quick_cache::OptionsBuilder::new()
-                    .estimated_items_capacity((BODY_CACHE_BYTES / 448) as usize)
-                    .weight_capacity(BODY_CACHE_BYTES)
-                    .hot_allocation(BODY_CACHE_HOT)
-                    .build()
-                    .expect("the body cache's options are valid"),
-                BodyWeight,
-                Default::default(),
-                Default::default(),
-            ),
+            bodies: Bodies::new(),
         })
     }
 
@@ -409,7 +372,7 @@ impl Engine {
         let cached = matches!(sub.format, Format::Amocrm | Format::Json)
             .then(|| store::event_of(&delivery_id))
             .flatten()
-            .and_then(|(event, _)| self.bodies.get(&(event, sub.format)));
+            .and_then(|(event, _)| self.bodies.take(event, sub.format));
         let found = match &cached {
             Some(c) if first => Ok(Store::first_delivery(&due, &c.event).map(|d| (d, None))),
             _ => self
@@ -649,13 +612,10 @@ impl Engine {
         event: Option<store::StoredEvent>,
     ) -> Result<crate::payload::Body, String> {
         // The amoCRM and JSON bodies depend on the event alone: encoded once per event and format
-        // and shared by every subscription (and retry) that needs them. Creatio bodies depend on
-        // the subscription's mapping (and a form's boundary is random), so they are not kept.
+        // and shared by the event's deliveries that need them (the caller looked in the cache
+        // first). Creatio bodies depend on the subscription's mapping (and a form's boundary is
+        // random), so they are not kept.
         let shared = matches!(sub.format, Format::Amocrm | Format::Json);
-        let cache_key = (d.event_id, sub.format);
-        if shared && let Some(c) = self.bodies.get(&cache_key) {
-            return Ok(c.body);
-        }
         let stored = match event {
             Some(e) => e,
             None => self
@@ -670,15 +630,13 @@ impl Engine {
             .format
             .encode(&event, &self.settings.account, &mapping)
             .map_err(|e| e.to_string())?;
+        // Kept for the event's other deliveries, if it has any: a retry of this one comes
+        // minutes later, when the body would only have taken room.
         if shared {
-            let event = Arc::from(stored.name.as_str());
-            self.bodies.insert(
-                cache_key,
-                Encoded {
-                    body: body.clone(),
-                    event,
-                },
-            );
+            let others = stored.subscriptions.len().saturating_sub(1);
+            let name = Arc::from(stored.name.as_str());
+            self.bodies
+                .keep(d.event_id, sub.format, name, body.clone(), others);
         }
         Ok(body)
     }
@@ -689,18 +647,16 @@ impl Engine {
     /// makes from the stored event (a test checks it with every captured vector).
     pub fn prime(&self, id: Uuid, name: &Arc<str>, event: &Event, subs: &[Arc<Subscription>]) {
         for format in [Format::Amocrm, Format::Json] {
-            if !subs.iter().any(|s| s.enabled && s.format == format) {
+            let uses = subs
+                .iter()
+                .filter(|s| s.enabled && s.format == format)
+                .count();
+            if uses == 0 {
                 continue;
             }
             // These two formats cannot fail (only a Creatio mapping can).
             if let Ok(body) = format.encode(event, &self.settings.account, &Mapping::default()) {
-                self.bodies.insert(
-                    (id, format),
-                    Encoded {
-                        body,
-                        event: name.clone(),
-                    },
-                );
+                self.bodies.keep(id, format, name.clone(), body, uses);
             }
         }
     }
