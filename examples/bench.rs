@@ -68,7 +68,7 @@ struct Opts {
     /// Concurrent keep-alive connections of the load generator (intake and baseline alike)
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Events of the e2e peak run (default 40,000; --quick 10,000)
+    /// Events of the e2e peak run (default 200,000, several seconds like the baseline; --quick 10,000)
     #[arg(long)]
     events: Option<usize>,
     /// Deliveries of the backlog scenario (default 1,000,000; --quick 100,000)
@@ -138,7 +138,7 @@ impl Sizes {
         let q = o.quick;
         Sizes {
             baseline: Duration::from_secs(if q { 3 } else { 5 }),
-            e2e: o.events.unwrap_or(if q { 10_000 } else { 40_000 }),
+            e2e: o.events.unwrap_or(if q { 10_000 } else { 200_000 }),
             half: Duration::from_secs(if q { 5 } else { 10 }),
             paced_rate: o.paced_rate,
             paced: Duration::from_secs(if q { 5 } else { 10 }),
