@@ -6,7 +6,7 @@
 //! nulls, empty arrays and empty objects are left out, and array elements keep their index even when
 //! an earlier element was left out — so PHP's `$_POST` reads back exactly the structure.
 
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
 use std::fmt::Write;
 
 /// Encodes a JSON structure as amoCRM's `application/x-www-form-urlencoded` body.
@@ -34,17 +34,44 @@ pub fn encode(value: &Value) -> String {
     out
 }
 
+/// Encodes an event's payload `{entity: {action: [item]}, account: {…}}` as [`encode`] does the
+/// same structure built as a [`Value`], without building it: this runs once per event and
+/// format, and the item would otherwise be copied for it.
+pub fn encode_payload(
+    entity: &str,
+    action: &str,
+    item: &Map<String, Value>,
+    account: &Map<String, Value>,
+) -> String {
+    let mut out = String::with_capacity(512);
+    let mut key = String::with_capacity(128);
+    push_encoded(&mut key, entity);
+    key.push_str("%5B");
+    push_encoded(&mut key, action);
+    key.push_str("%5D%5B0%5D");
+    write_map(&mut out, &mut key, item);
+    key.clear();
+    key.push_str("account");
+    write_map(&mut out, &mut key, account);
+    out
+}
+
+/// Writes a map's entries under `key` (`key%5Bname%5D=…`).
+fn write_map(out: &mut String, key: &mut String, map: &Map<String, Value>) {
+    for (k, v) in map {
+        let len = key.len();
+        key.push_str("%5B");
+        push_encoded(key, k);
+        key.push_str("%5D");
+        write_value(out, key, v);
+        key.truncate(len);
+    }
+}
+
 /// Writes `value` under the already-encoded `key`, extending the key with `%5B…%5D` as it descends.
 fn write_value(out: &mut String, key: &mut String, value: &Value) {
-    let scalar = match value {
+    match value {
         Value::Null => return,
-        Value::Bool(b) => { if *b { "1" } else { "0" } }.to_string(),
-        Value::Number(n) => number_text(n),
-        Value::String(s) => {
-            let mut enc = String::with_capacity(s.len());
-            push_encoded(&mut enc, s);
-            enc
-        }
         Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
                 let len = key.len();
@@ -54,36 +81,30 @@ fn write_value(out: &mut String, key: &mut String, value: &Value) {
             }
             return;
         }
-        Value::Object(map) => {
-            for (k, v) in map {
-                let len = key.len();
-                key.push_str("%5B");
-                push_encoded(key, k);
-                key.push_str("%5D");
-                write_value(out, key, v);
-                key.truncate(len);
-            }
-            return;
-        }
-    };
+        Value::Object(map) => return write_map(out, key, map),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
     if !out.is_empty() {
         out.push('&');
     }
     out.push_str(key);
     out.push('=');
-    out.push_str(&scalar);
+    match value {
+        Value::Bool(b) => out.push(if *b { '1' } else { '0' }),
+        Value::Number(n) => push_number(out, n),
+        Value::String(s) => push_encoded(out, s),
+        Value::Null | Value::Array(_) | Value::Object(_) => {}
+    }
 }
 
 /// The shortest decimal text of a number: integers as they are, floats without a needless `.0`.
-fn number_text(n: &Number) -> String {
-    if n.is_i64() || n.is_u64() {
-        return n.to_string();
-    }
-    match n.as_f64() {
-        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
-        Some(f) => format!("{f}"),
-        None => n.to_string(),
-    }
+fn push_number(out: &mut String, n: &Number) {
+    let _ = match n.as_f64() {
+        _ if n.is_i64() || n.is_u64() => write!(out, "{n}"),
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => write!(out, "{}", f as i64),
+        Some(f) => write!(out, "{f}"),
+        None => write!(out, "{n}"),
+    };
 }
 
 /// PHP's `urlencode`: alphanumerics and `-_.` stay, space becomes `+`, every other byte `%XX`.

@@ -85,15 +85,19 @@ impl Format {
             bytes,
         };
         Ok(match self {
-            Format::Amocrm => fixed(
-                "application/x-www-form-urlencoded",
-                Bytes::from(amocrm::encode(&event.payload(account))),
-            ),
-            // Serialising a `Value` cannot fail: its keys are strings.
+            Format::Amocrm => {
+                let (entity, action, item, account) = payload_parts(event, account);
+                fixed(
+                    "application/x-www-form-urlencoded",
+                    Bytes::from(amocrm::encode_payload(entity, action, item, account)),
+                )
+            }
+            // Serialising maps of `Value`s cannot fail: their keys are strings.
             Format::Json => fixed(
                 "application/json",
                 Bytes::from(
-                    serde_json::to_vec(&event.payload(account)).expect("a Value serialises"),
+                    serde_json::to_vec(&JsonPayload(payload_parts(event, account)))
+                        .expect("a Value serialises"),
                 ),
             ),
             Format::Creatio => fixed(
@@ -108,6 +112,50 @@ impl Format {
                 }
             }
         })
+    }
+}
+
+/// The parts of [`Event::payload`]: payload key, action, item and account block (the event's own
+/// or else `default_account`), borrowed.
+fn payload_parts<'a>(
+    event: &'a Event,
+    default_account: &'a Map<String, Value>,
+) -> (
+    &'static str,
+    &'static str,
+    &'a Map<String, Value>,
+    &'a Map<String, Value>,
+) {
+    (
+        event.name.entity.payload_key(),
+        event.name.action,
+        &event.data,
+        event.account.as_ref().unwrap_or(default_account),
+    )
+}
+
+/// Serialises as `{entity: {action: [item]}, account: {…}}`, the JSON of [`Event::payload`],
+/// without copying the item into a new `Value`.
+struct JsonPayload<'a>(
+    (
+        &'static str,
+        &'static str,
+        &'a Map<String, Value>,
+        &'a Map<String, Value>,
+    ),
+);
+
+impl Serialize for JsonPayload<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (entity, action, item, account) = self.0;
+        let mut root = s.serialize_map(Some(2))?;
+        root.serialize_entry(
+            entity,
+            &std::collections::BTreeMap::from([(action, [item])]),
+        )?;
+        root.serialize_entry("account", account)?;
+        root.end()
     }
 }
 
@@ -140,5 +188,40 @@ mod tests {
         assert!(ct(Format::CreatioForm).starts_with("multipart/form-data; boundary="));
         let body = Format::Creatio.encode(&e, &acc, &m).unwrap();
         assert_eq!(&body[..], br#"{"id":1,"name":"x","EntityName":"Lead"}"#);
+    }
+
+    /// The amoCRM and JSON bodies are written from the event's parts; they must be the bytes of
+    /// the payload structure `Event::payload` builds, encoded as a whole.
+    #[test]
+    fn amocrm_and_json_bodies_are_those_of_the_payload_structure() {
+        let vector: Value =
+            serde_json::from_str(include_str!("../../tests/vectors/amocrm_status_lead.json"))
+                .unwrap();
+        let events = [
+            vector["event"].clone(),
+            json!({"event": "add_lead", "data": {"id": 1, "name": "x"}}),
+            json!({"event": "note_contact", "data": {
+                "id": 7, "price": 1.5, "whole": 2.0, "big": 1e20, "neg": -3, "yes": true,
+                "no": false, "none": null, "empty": [], "blank": {}, "name": "Ёлка & co [1]",
+                "tags": [null, {"id": 1, "name": "a b"}, [1, [2]]],
+                "custom_fields": [{"id": "5", "values": [{"value": "=?&%+"}]}]
+            }, "account": {"subdomain": "own", "id": 9, "_links": {"self": "https://own.amocrm.ru"}}}),
+            json!({"event": "mail_in_lead", "data": {"id": "3"}}),
+        ];
+        let account =
+            crate::event::account_block("example", &json!(1), "https://example.amocrm.ru");
+        let m = creatio::Mapping::default();
+        for e in events {
+            let event = Event::from_value(e.clone()).unwrap();
+            let payload = event.payload(&account);
+            let form = Format::Amocrm.encode(&event, &account, &m).unwrap();
+            assert_eq!(
+                std::str::from_utf8(&form).unwrap(),
+                amocrm::encode(&payload),
+                "{e}"
+            );
+            let json = Format::Json.encode(&event, &account, &m).unwrap();
+            assert_eq!(&json[..], serde_json::to_vec(&payload).unwrap(), "{e}");
+        }
     }
 }
