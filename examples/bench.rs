@@ -71,6 +71,10 @@ struct Opts {
     /// Events of the e2e peak run (default 200,000, several seconds like the baseline; --quick 10,000)
     #[arg(long)]
     events: Option<usize>,
+    /// Events of the fanout and storage scenarios, each to 100 subscriptions (default 1,000;
+    /// --quick 300)
+    #[arg(long)]
+    fanout_events: Option<usize>,
     /// Deliveries of the backlog scenario (default 1,000,000; --quick 100,000)
     #[arg(long)]
     backlog: Option<usize>,
@@ -142,7 +146,7 @@ impl Sizes {
             half: Duration::from_secs(if q { 5 } else { 10 }),
             paced_rate: o.paced_rate,
             paced: Duration::from_secs(if q { 5 } else { 10 }),
-            fanout: if q { 300 } else { 1_000 },
+            fanout: o.fanout_events.unwrap_or(if q { 300 } else { 1_000 }),
             backlog: o.backlog.unwrap_or(if q { 100_000 } else { 1_000_000 }),
             isolation: Duration::from_secs(if q { 5 } else { 10 }),
             deliver_wait: Duration::from_secs(if q { 120 } else { 300 }),
