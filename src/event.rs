@@ -267,6 +267,11 @@ impl Event {
         Value::Object(root)
     }
 
+    /// The stored form, as [`Event::to_value`] gives it, to serialise without copying the event.
+    pub fn stored(&self) -> StoredForm<'_> {
+        StoredForm(self)
+    }
+
     /// The stored form: the event object as a client would send it (with `type` added).
     pub fn to_value(&self) -> Value {
         let mut obj = Map::new();
@@ -279,6 +284,27 @@ impl Event {
             obj.insert("account".into(), Value::Object(acc.clone()));
         }
         Value::Object(obj)
+    }
+}
+
+/// An event's stored form (see [`Event::stored`]): `{"event", "data", "id"?, "account"?}`.
+pub struct StoredForm<'a>(&'a Event);
+
+impl Serialize for StoredForm<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let fields = 2 + usize::from(e.client_id.is_some()) + usize::from(e.account.is_some());
+        let mut map = s.serialize_map(Some(fields))?;
+        map.serialize_entry("event", &e.name)?;
+        map.serialize_entry("data", &e.data)?;
+        if let Some(id) = &e.client_id {
+            map.serialize_entry("id", id)?;
+        }
+        if let Some(account) = &e.account {
+            map.serialize_entry("account", account)?;
+        }
+        map.end()
     }
 }
 

@@ -252,7 +252,7 @@ impl Intake {
                     id: event_id,
                     received_at: now,
                     name,
-                    event: event.to_value(),
+                    event: event.stored(),
                     subscriptions: subs.iter().map(|s| s.id).collect(),
                 });
                 primes.push((event_id, event, subs));

@@ -340,7 +340,7 @@ pub struct Due {
 const EVENT_RECORD_V1: u8 = 1;
 
 /// An event record: `[1][received_at u64][name length u8][name][n u16][n subscription ids][event JSON]`.
-fn encode_event(e: &StoredEvent) -> Result<Vec<u8>, StoreError> {
+fn encode_event<E: serde::Serialize>(e: &StoredEvent<E>) -> Result<Vec<u8>, StoreError> {
     let n = e.subscriptions.len();
     if n > MAX_DELIVERIES_PER_EVENT {
         return Err(StoreError::TooManyDeliveries(n));
@@ -356,7 +356,8 @@ fn encode_event(e: &StoredEvent) -> Result<Vec<u8>, StoreError> {
     for s in &e.subscriptions {
         v.extend_from_slice(s.as_bytes());
     }
-    serde_json::to_writer(&mut v, &e.event).expect("a JSON value serialises");
+    // The event objects taken in hold only maps with string keys.
+    serde_json::to_writer(&mut v, &e.event).expect("an event object serialises");
     Ok(v)
 }
 
@@ -656,9 +657,9 @@ impl Store {
     ///
     /// The writes are queued in call order; the returned [`Durable`] resolves once they are
     /// applied and flushed.
-    pub fn accept(
+    pub fn accept<E: serde::Serialize>(
         &self,
-        events: &[StoredEvent],
+        events: &[StoredEvent<E>],
         keys: &[(String, IdempotencyRecord)],
     ) -> Result<Durable, StoreError> {
         let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + events.len());

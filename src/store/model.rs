@@ -100,12 +100,15 @@ impl Subscription {
 
 /// An accepted event as stored: its id, when it arrived, its name, the event object, and the
 /// subscriptions it goes to (delivery `i` goes to the `i`-th, see [`super::delivery_id`]).
+///
+/// Read back, the event object is a [`Value`]; taken in, it is anything that serialises to it,
+/// such as [`crate::event::Event::stored`], which writes the parsed event without copying it.
 #[derive(Debug, Clone)]
-pub struct StoredEvent {
+pub struct StoredEvent<E = Value> {
     pub id: Uuid,
     pub received_at: u64,
     pub name: String,
-    pub event: Value,
+    pub event: E,
     pub subscriptions: Vec<Uuid>,
 }
 
