@@ -86,18 +86,20 @@ impl Format {
         };
         Ok(match self {
             Format::Amocrm => {
-                let (entity, action, item, account) = payload_parts(event, account);
+                let p = PayloadParts::of(event, account);
                 fixed(
                     "application/x-www-form-urlencoded",
-                    Bytes::from(amocrm::encode_payload(entity, action, item, account)),
+                    Bytes::from(amocrm::encode_payload(
+                        p.entity, p.action, p.item, p.account,
+                    )),
                 )
             }
             // Serialising maps of `Value`s cannot fail: their keys are strings.
             Format::Json => fixed(
                 "application/json",
                 Bytes::from(
-                    serde_json::to_vec(&JsonPayload(payload_parts(event, account)))
-                        .expect("a Value serialises"),
+                    serde_json::to_vec(&PayloadParts::of(event, account))
+                        .expect("the payload serialises"),
                 ),
             ),
             Format::Creatio => fixed(
@@ -115,46 +117,34 @@ impl Format {
     }
 }
 
-/// The parts of [`Event::payload`]: payload key, action, item and account block (the event's own
-/// or else `default_account`), borrowed.
-fn payload_parts<'a>(
-    event: &'a Event,
-    default_account: &'a Map<String, Value>,
-) -> (
-    &'static str,
-    &'static str,
-    &'a Map<String, Value>,
-    &'a Map<String, Value>,
-) {
-    (
-        event.name.entity.payload_key(),
-        event.name.action,
-        &event.data,
-        event.account.as_ref().unwrap_or(default_account),
-    )
+/// The parts of [`Event::payload`], borrowed: `{entity: {action: [item]}, account: {…}}`, with
+/// the event's own account block or else the default one. Serialises as that structure's JSON
+/// without copying the item into a new `Value`.
+struct PayloadParts<'a> {
+    entity: &'static str,
+    action: &'static str,
+    item: &'a Map<String, Value>,
+    account: &'a Map<String, Value>,
 }
 
-/// Serialises as `{entity: {action: [item]}, account: {…}}`, the JSON of [`Event::payload`],
-/// without copying the item into a new `Value`.
-struct JsonPayload<'a>(
-    (
-        &'static str,
-        &'static str,
-        &'a Map<String, Value>,
-        &'a Map<String, Value>,
-    ),
-);
+impl<'a> PayloadParts<'a> {
+    fn of(event: &'a Event, default_account: &'a Map<String, Value>) -> PayloadParts<'a> {
+        PayloadParts {
+            entity: event.name.entity.payload_key(),
+            action: event.name.action,
+            item: &event.data,
+            account: event.account.as_ref().unwrap_or(default_account),
+        }
+    }
+}
 
-impl Serialize for JsonPayload<'_> {
+impl Serialize for PayloadParts<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let (entity, action, item, account) = self.0;
+        let by_action = std::collections::BTreeMap::from([(self.action, [self.item])]);
         let mut root = s.serialize_map(Some(2))?;
-        root.serialize_entry(
-            entity,
-            &std::collections::BTreeMap::from([(action, [item])]),
-        )?;
-        root.serialize_entry("account", account)?;
+        root.serialize_entry(self.entity, &by_action)?;
+        root.serialize_entry("account", self.account)?;
         root.end()
     }
 }
