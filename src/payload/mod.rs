@@ -141,11 +141,22 @@ impl<'a> PayloadParts<'a> {
 impl Serialize for PayloadParts<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let by_action = std::collections::BTreeMap::from([(self.action, [self.item])]);
         let mut root = s.serialize_map(Some(2))?;
-        root.serialize_entry(self.entity, &by_action)?;
+        root.serialize_entry(self.entity, &ByAction(self.action, [self.item]))?;
         root.serialize_entry("account", self.account)?;
         root.end()
+    }
+}
+
+/// `{action: [item]}`, serialised without building a map for its one entry.
+struct ByAction<'a>(&'static str, [&'a Map<String, Value>; 1]);
+
+impl Serialize for ByAction<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(self.0, &self.1)?;
+        map.end()
     }
 }
 
