@@ -7,9 +7,14 @@
 //! here, and an attempt that ends soon writes one key (its `d` record) instead of a due entry at
 //! intake plus its removal. Most deliveries never cost a due entry at all.
 //!
-//! What bounds this: a delivery still here after [`SPILL_AGE`] gets its due entry written to sled
-//! after all (it is *spilled*) and leaves memory; from then on it is an ordinary due entry. An
-//! event that would take this past [`MAX_FRESH`] entries gets its due entries in sled at intake.
+//! What bounds this: a delivery still here after [`SPILL_AGE`] in a lane that has had no outcome
+//! for as long (a held subscription, a receiver that answers nothing) gets its due entry written
+//! to sled after all (it is *spilled*) and leaves memory; from then on it is an ordinary due
+//! entry. A lane that drains keeps its entries here up to [`DRAINING_SPILL_AGE`]: the oldest
+//! entries of a backlog are the next to go out, and spilling them would only make each of them
+//! cost a due entry written, read and removed, which slows the drain that would have ended
+//! their wait. An event that would take this past [`MAX_FRESH`] entries gets its due entries in
+//! sled at intake.
 //! After a crash the writer's watermark (the oldest event that may still have deliveries here, or
 //! whose outcome taken from here is not written yet) tells where to look: every delivery of an
 //! event from it on that has neither a `d` record nor a due entry comes back here (see
@@ -20,8 +25,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// How long a delivery may wait for its first attempt in memory before it is spilled.
+/// How long a delivery may wait for its first attempt in memory, in a lane with no outcome for
+/// as long, before it is spilled.
 pub const SPILL_AGE: Duration = Duration::from_secs(10);
+
+/// How long a delivery may wait in memory in a lane that drains (another of its entries left by
+/// an outcome within [`SPILL_AGE`]). It bounds how far the writer's watermark trails, so what a
+/// restart after a crash reads again.
+pub const DRAINING_SPILL_AGE: Duration = Duration::from_secs(60);
 
 /// The most deliveries kept here (170 bytes of RSS each, measured with 100,000): the writer
 /// writes the due entries of an event beyond it at intake, and spills the oldest events' should
@@ -38,11 +49,18 @@ struct FreshEvent {
 /// A due entry kept in memory: subscription, due time (ms) and delivery.
 pub type Entry = (Uuid, u64, Uuid);
 
+/// One subscription's entries, in due order, and when one of them last left by an outcome (or,
+/// until one has, when the lane began).
+struct Lane {
+    entries: BTreeSet<(u64, Uuid)>,
+    progress_ms: u64,
+}
+
 /// The deliveries waiting for their first attempt that have no due entry in sled.
 #[derive(Default)]
 pub struct Fresh {
-    /// Per subscription, in due order.
-    lanes: HashMap<Uuid, BTreeSet<(u64, Uuid)>>,
+    /// Per subscription.
+    lanes: HashMap<Uuid, Lane>,
     /// The events they belong to, oldest first.
     events: BTreeMap<Uuid, FreshEvent>,
     len: usize,
@@ -62,8 +80,11 @@ impl Fresh {
     ) {
         let mut left = 0;
         for i in indexes {
-            let lane = self.lanes.entry(subscriptions[i]).or_default();
-            if lane.insert((received_at, delivery_id(&event, i))) {
+            let lane = self.lanes.entry(subscriptions[i]).or_insert_with(|| Lane {
+                entries: BTreeSet::new(),
+                progress_ms: received_at,
+            });
+            if lane.entries.insert((received_at, delivery_id(&event, i))) {
                 left += 1;
             }
         }
@@ -84,7 +105,7 @@ impl Fresh {
     pub fn contains(&self, sub: &Uuid, due_ms: u64, delivery: &Uuid) -> bool {
         self.lanes
             .get(sub)
-            .is_some_and(|l| l.contains(&(due_ms, *delivery)))
+            .is_some_and(|l| l.entries.contains(&(due_ms, *delivery)))
     }
 
     /// Removes an entry; `false` when it is not here.
@@ -92,10 +113,10 @@ impl Fresh {
         let Some(lane) = self.lanes.get_mut(sub) else {
             return false;
         };
-        if !lane.remove(&(due_ms, *delivery)) {
+        if !lane.entries.remove(&(due_ms, *delivery)) {
             return false;
         }
-        if lane.is_empty() {
+        if lane.entries.is_empty() {
             self.lanes.remove(sub);
         }
         self.forget_one(delivery);
@@ -107,12 +128,11 @@ impl Fresh {
         let Some((event, _)) = super::event_of(delivery) else {
             return;
         };
-        if self
-            .lanes
-            .entry(*sub)
-            .or_default()
-            .insert((due_ms, *delivery))
-        {
+        let lane = self.lanes.entry(*sub).or_insert_with(|| Lane {
+            entries: BTreeSet::new(),
+            progress_ms: due_ms,
+        });
+        if lane.entries.insert((due_ms, *delivery)) {
             self.len += 1;
             let e = self.events.entry(event).or_insert(FreshEvent {
                 received_at: due_ms,
@@ -141,9 +161,8 @@ impl Fresh {
         let taken: Vec<(u64, Uuid)> = self
             .lanes
             .remove(sub)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+            .map(|l| l.entries.into_iter().collect())
+            .unwrap_or_default();
         for (_, delivery) in &taken {
             self.forget_one(delivery);
         }
@@ -160,7 +179,8 @@ impl Fresh {
         let Some(lane) = self.lanes.get(sub) else {
             return Vec::new();
         };
-        lane.iter()
+        lane.entries
+            .iter()
             .filter(|(_, d)| !skip(d))
             .take(max)
             .copied()
@@ -170,15 +190,52 @@ impl Fresh {
     /// The deliveries here that were created before `before_ms`.
     pub fn created_before(&self, before_ms: u64) -> HashSet<Uuid> {
         let before = Uuid::from_bytes(super::uuid_floor(before_ms));
-        let lanes = self.lanes.values().flat_map(|l| l.iter());
+        let lanes = self.lanes.values().flat_map(|l| l.entries.iter());
         lanes.map(|(_, d)| *d).filter(|d| *d < before).collect()
     }
 
-    /// The events whose entries are to be spilled, with their arrival: the oldest, while they
-    /// arrived before `before_ms` or while more than `max` entries would stay, until they hold
-    /// at least `limit` entries. Nothing is removed: the caller writes the due entries of those
-    /// still here ([`Fresh::contains`]), then [`Fresh::take`]s them.
-    pub fn to_spill(&self, before_ms: u64, max: usize, limit: usize) -> Vec<(Uuid, u64)> {
+    /// Notes that an entry of `sub`'s lane left by an outcome at `now_ms`: the lane drains.
+    pub fn progressed(&mut self, sub: &Uuid, now_ms: u64) {
+        if let Some(lane) = self.lanes.get_mut(sub) {
+            lane.progress_ms = lane.progress_ms.max(now_ms);
+        }
+    }
+
+    /// The entries to spill by age, oldest first in each lane, about `limit` of them: those that
+    /// arrived before `now_ms - stalled_age` in a lane with no outcome since then, and those
+    /// that arrived before `now_ms - draining_age` in any lane. Nothing is removed (see
+    /// [`Fresh::over_max`]).
+    pub fn aged(
+        &self,
+        now_ms: u64,
+        stalled_age: Duration,
+        draining_age: Duration,
+        limit: usize,
+    ) -> Vec<Entry> {
+        let stalled_before = now_ms.saturating_sub(stalled_age.as_millis() as u64);
+        let draining_before = now_ms.saturating_sub(draining_age.as_millis() as u64);
+        let mut out = Vec::new();
+        for (sub, lane) in &self.lanes {
+            if out.len() >= limit {
+                break;
+            }
+            let before = if lane.progress_ms < stalled_before {
+                stalled_before
+            } else {
+                draining_before
+            };
+            let old = lane.entries.iter().take_while(|(due, _)| *due < before);
+            let room = limit - out.len();
+            out.extend(old.take(room).map(|(due, d)| (*sub, *due, *d)));
+        }
+        out
+    }
+
+    /// The events whose entries are to be spilled for room, with their arrival: the oldest,
+    /// while more than `max` entries would stay, until they hold at least `limit` entries.
+    /// Nothing is removed: the caller writes the due entries of those still here
+    /// ([`Fresh::contains`]), then [`Fresh::take`]s them.
+    pub fn over_max(&self, max: usize, limit: usize) -> Vec<(Uuid, u64)> {
         let mut out = Vec::new();
         let mut staying = self.len;
         for (event, e) in &self.events {
@@ -186,7 +243,7 @@ impl Fresh {
                 continue;
             }
             let spilled = self.len - staying;
-            if (e.received_at >= before_ms && staying <= max) || spilled >= limit {
+            if staying <= max || spilled >= limit {
                 break;
             }
             out.push((*event, e.received_at));
@@ -247,14 +304,73 @@ mod tests {
         );
         assert_eq!(f.oldest_event(), Some(e2));
         assert_eq!(f.len(), 1);
-        // Spilling: by age, then by count; nothing leaves until taken.
-        assert!(f.to_spill(200, 10, 100).is_empty());
-        assert_eq!(f.to_spill(201, 10, 100), vec![(e2, 200)]);
-        assert_eq!(f.to_spill(0, 0, 100), vec![(e2, 200)]);
+        // Spilling for room; nothing leaves until taken.
+        assert!(f.over_max(1, 100).is_empty());
+        assert_eq!(f.over_max(0, 100), vec![(e2, 200)]);
         assert_eq!(f.len(), 1);
         assert!(f.take(&a, 200, &d2a));
         assert_eq!((f.len(), f.oldest_event()), (0, None));
         assert!(f.lanes.is_empty(), "empty lanes are dropped");
+    }
+
+    #[test]
+    fn a_lane_with_outcomes_keeps_its_entries_up_to_the_draining_age() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (stalled, draining) = (Duration::from_millis(10), Duration::from_millis(100));
+        let mut f = Fresh::default();
+        let (e1, e2) = (new_event_id(), new_event_id());
+        f.add(e1, 1000, &[a, b], 0..2);
+        f.add(e2, 1005, &[a, b], 0..2);
+        let aged = |f: &Fresh, now: u64, limit: usize| {
+            let mut v = f.aged(now, stalled, draining, limit);
+            v.sort();
+            v
+        };
+        let sorted = |mut v: Vec<Entry>| {
+            v.sort();
+            v
+        };
+        // No outcome in either lane since they began (1000): what waits past 10 ms goes.
+        assert!(aged(&f, 1010, 100).is_empty());
+        assert_eq!(
+            aged(&f, 1011, 100),
+            sorted(vec![
+                (a, 1000, delivery_id(&e1, 0)),
+                (b, 1000, delivery_id(&e1, 1))
+            ])
+        );
+        // An outcome in lane a: it drains, and keeps its entries until they wait 100 ms.
+        assert!(f.take(&a, 1000, &delivery_id(&e1, 0)));
+        f.progressed(&a, 1011);
+        assert_eq!(
+            aged(&f, 1020, 100),
+            sorted(vec![
+                (b, 1000, delivery_id(&e1, 1)),
+                (b, 1005, delivery_id(&e2, 1))
+            ])
+        );
+        // Still draining at 1106 (an outcome at 1100), but e2's entry has waited 101 ms.
+        f.progressed(&a, 1100);
+        f.progressed(&a, 0);
+        assert_eq!(
+            aged(&f, 1106, 100),
+            sorted(vec![
+                (a, 1005, delivery_id(&e2, 0)),
+                (b, 1000, delivery_id(&e1, 1)),
+                (b, 1005, delivery_id(&e2, 1)),
+            ])
+        );
+        // At 1105 it has not: only the stalled lane's.
+        assert_eq!(aged(&f, 1105, 100).len(), 2);
+        // At most about `limit` at once; nothing left until taken.
+        assert_eq!(aged(&f, 1106, 1).len(), 1);
+        assert_eq!(f.len(), 3);
+        // A lane that empties and begins again begins stalled-free from its new entry.
+        assert!(f.take(&a, 1005, &delivery_id(&e2, 0)));
+        let e3 = new_event_id();
+        f.add(e3, 2000, &[a], 0..1);
+        assert!(aged(&f, 2010, 100).iter().all(|(s, _, _)| *s == b));
+        assert!(aged(&f, 2011, 100).contains(&(a, 2000, delivery_id(&e3, 0))));
     }
 
     #[test]
@@ -267,15 +383,15 @@ mod tests {
         }
         // 12 entries, at most 7 may stay: the two oldest events (6 entries) go.
         let two = vec![(events[0], 0), (events[1], 1)];
-        assert_eq!(f.to_spill(0, 7, 100), two);
+        assert_eq!(f.over_max(7, 100), two);
         // An event with an entry gone counts for what it has left.
         let first = delivery_id(&events[0], 0);
         assert!(f.take(&subs[0], 0, &first));
-        assert_eq!(f.to_spill(0, 8, 100), two);
-        assert_eq!(f.to_spill(0, 9, 100), two[..1]);
+        assert_eq!(f.over_max(8, 100), two);
+        assert_eq!(f.over_max(9, 100), two[..1]);
         // About `limit` entries at once, in whole events.
-        assert_eq!(f.to_spill(0, 0, 1), two[..1]);
-        assert_eq!(f.to_spill(0, 0, 3), two);
+        assert_eq!(f.over_max(0, 1), two[..1]);
+        assert_eq!(f.over_max(0, 3), two);
         let all = f.created_before(u64::MAX >> 16);
         assert_eq!(all.len(), 11);
         assert!(!all.contains(&first));

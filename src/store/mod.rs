@@ -463,16 +463,11 @@ pub struct PurgeStep {
 impl Store {
     /// Opens (or creates) the database at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::open_with(path, fresh::MAX_FRESH, WATERMARK_EVERY)
+        Store::open_with(path, Limits::default())
     }
 
-    /// [`Store::open`] keeping at most `max_fresh` due entries in memory, its writer moving the
-    /// watermark on at most every `watermark_every` (unless asked to flush).
-    fn open_with(
-        path: &Path,
-        max_fresh: usize,
-        watermark_every: Duration,
-    ) -> Result<Store, StoreError> {
+    /// [`Store::open`] with other [`Limits`] (tests).
+    fn open_with(path: &Path, limits: Limits) -> Result<Store, StoreError> {
         let config = sled::Config::new()
             .path(path)
             // sled counts a node's size on disk against this, while nodes in memory are about
@@ -519,8 +514,7 @@ impl Store {
             watermark,
             newest: watermark,
             watermark_at: Instant::now(),
-            watermark_every,
-            max_fresh,
+            limits,
         };
         let thread = std::thread::Builder::new()
             .name("sled-writer".into())
@@ -1315,10 +1309,31 @@ struct Writer {
     newest: Uuid,
     /// When the watermark was last written.
     watermark_at: Instant,
-    /// How often it is moved on at most ([`WATERMARK_EVERY`]).
-    watermark_every: Duration,
+    limits: Limits,
+}
+
+/// What bounds the deliveries kept in memory, and the watermark.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
     /// The most due entries kept in memory ([`fresh::MAX_FRESH`]).
     max_fresh: usize,
+    /// How often the watermark is moved on at most ([`WATERMARK_EVERY`]).
+    watermark_every: Duration,
+    /// How long an entry waits in memory in a lane with no outcome for as long
+    /// ([`fresh::SPILL_AGE`]), and in a lane that drains ([`fresh::DRAINING_SPILL_AGE`]).
+    spill_age: Duration,
+    draining_spill_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_fresh: fresh::MAX_FRESH,
+            watermark_every: WATERMARK_EVERY,
+            spill_age: fresh::SPILL_AGE,
+            draining_spill_age: fresh::DRAINING_SPILL_AGE,
+        }
+    }
 }
 
 /// How often the writer moves the watermark on (at most), and a flush asked for always does, once
@@ -1496,14 +1511,33 @@ impl Writer {
     /// Adds to `batch` the due entries of the deliveries that waited too long in memory (or
     /// beyond the most it keeps), and returns them: they leave memory once the batch is applied.
     fn spill_into(&self, batch: &mut sled::Batch) -> Vec<fresh::Entry> {
-        let before = now_ms().saturating_sub(fresh::SPILL_AGE.as_millis() as u64);
-        let events = self
-            .claims()
-            .fresh
-            .to_spill(before, self.max_fresh, SPILL_BATCH);
-        if events.is_empty() {
-            return Vec::new();
+        let (mut spill, events) = {
+            let claims = self.claims();
+            let aged = claims.fresh.aged(
+                now_ms(),
+                self.limits.spill_age,
+                self.limits.draining_spill_age,
+                SPILL_BATCH,
+            );
+            (
+                aged,
+                claims.fresh.over_max(self.limits.max_fresh, SPILL_BATCH),
+            )
+        };
+        if !events.is_empty() {
+            spill.extend(self.spill_for_room(events));
+            // An entry both old and of the oldest events is written once.
+            spill.sort_unstable();
+            spill.dedup();
         }
+        for (sub, due, d) in &spill {
+            batch.insert(due_key(sub, *due, d).as_slice(), EMPTY);
+        }
+        spill
+    }
+
+    /// The entries still in memory of `events` (spilled for room), from their records.
+    fn spill_for_room(&self, events: Vec<(Uuid, u64)>) -> Vec<fresh::Entry> {
         // Which subscriptions their deliveries go to: from their records, read without the
         // lock the lanes claim under.
         let mut heads = Vec::with_capacity(events.len());
@@ -1538,9 +1572,6 @@ impl Writer {
                     }
                 }
             }
-        }
-        for (sub, due, d) in &spill {
-            batch.insert(due_key(sub, *due, d).as_slice(), EMPTY);
         }
         spill
     }
@@ -1577,7 +1608,7 @@ impl Writer {
     /// past `floor`: the oldest event of outcomes taken out of memory whose records are not
     /// written yet.
     fn advance_watermark(&mut self, now: bool, floor: Option<Uuid>) {
-        if !now && self.watermark_at.elapsed() < self.watermark_every {
+        if !now && self.watermark_at.elapsed() < self.limits.watermark_every {
             return;
         }
         let oldest = self.claims().fresh.oldest_event();
@@ -1609,8 +1640,9 @@ impl Writer {
         let mut intake = Changes::default();
         let mut results = Changes::default();
         let mut claims = self.claims();
+        let now = now_ms();
         // What memory may still take: an event beyond it gets its due entries in sled at once.
-        let mut room = self.max_fresh.saturating_sub(claims.fresh.len());
+        let mut room = self.limits.max_fresh.saturating_sub(claims.fresh.len());
         for w in group {
             match w {
                 Write::Durable(writes, new, done) if writes.is_empty() && new.is_empty() => {
@@ -1648,6 +1680,9 @@ impl Writer {
                     }
                     // The claim keeps lanes off it until the change is written.
                     let taken = claims.fresh.take(&subscription, claimed_due_ms, &delivery);
+                    if taken {
+                        claims.fresh.progressed(&subscription, now);
+                    }
                     if !taken {
                         // Removed before the next entry is written: when a retry is due in the
                         // same millisecond, the two keys are one, and the later write wins.
@@ -2043,7 +2078,14 @@ mod tests {
     async fn the_watermark_does_not_pass_an_outcome_written_after_the_intake_flush() {
         let dir = tempfile::tempdir().unwrap();
         // The watermark moves on with every group.
-        let store = Store::open_with(dir.path(), fresh::MAX_FRESH, Duration::ZERO).unwrap();
+        let store = Store::open_with(
+            dir.path(),
+            Limits {
+                watermark_every: Duration::ZERO,
+                ..Limits::default()
+            },
+        )
+        .unwrap();
         let sub = Uuid::now_v7();
         let (a, b) = (event(&[sub], now_ms()), event(&[sub], now_ms()));
         accept_now(&store, &[a.clone(), b.clone()]).await;
@@ -2183,6 +2225,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lane_with_outcomes_keeps_its_old_entries_in_memory_until_it_stalls() {
+        let dir = tempfile::tempdir().unwrap();
+        // Long enough for a slow machine to take both events in within it.
+        let spill_age = Duration::from_secs(2);
+        let store = Store::open_with(
+            dir.path(),
+            Limits {
+                spill_age,
+                draining_spill_age: Duration::from_secs(3600),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        // Lane a begins now; then an event that has waited 3 s already goes to a and b.
+        let first = event(&[a], now);
+        accept_now(&store, std::slice::from_ref(&first)).await;
+        let old = event(&[a, b], now - 3000);
+        accept_now(&store, std::slice::from_ref(&old)).await;
+        // Its delivery to b (a lane with no outcome for longer than the spill age) is spilled
+        // in the group of its intake (a flush asked for is answered after that); a's stays in
+        // memory.
+        store.flush().await.unwrap();
+        assert_eq!(
+            due_in_sled(&store),
+            vec![(b, now - 3000, delivery_id(&old.id, 1))]
+        );
+        // An outcome in lane a: the lane drains.
+        deliver(&store, &delivery_id(&first.id, 0), now, now_ms()).await;
+        store.flush().await.unwrap();
+        assert_eq!(
+            due_in_sled(&store).len(),
+            1,
+            "a drains: nothing of it spilled"
+        );
+        let kept = (now - 3000, delivery_id(&old.id, 0));
+        assert_eq!(due_of(&store, &a), vec![kept]);
+        // No more outcomes in a: once the spill age has passed since its last, the idle writer
+        // spills its entry too.
+        eventually("lane a's spill", || due_in_sled(&store).len() == 2).await;
+        assert!(due_in_sled(&store).contains(&(a, kept.0, kept.1)));
+        assert_eq!(due_of(&store, &a), vec![kept], "listed once");
+    }
+
+    #[tokio::test]
     async fn an_idle_writer_spills_and_moves_the_watermark_on() {
         let dir = tempfile::tempdir().unwrap();
         let sub = Uuid::now_v7();
@@ -2247,7 +2335,14 @@ mod tests {
         let first = event(&[a, b], now);
         let second = event(&[a, b], now);
         {
-            let store = Store::open_with(dir.path(), 3, WATERMARK_EVERY).unwrap();
+            let store = Store::open_with(
+                dir.path(),
+                Limits {
+                    max_fresh: 3,
+                    ..Limits::default()
+                },
+            )
+            .unwrap();
             accept_now(&store, std::slice::from_ref(&first)).await;
             accept_now(&store, std::slice::from_ref(&second)).await;
             // Two of the first fit; the second's two would make four.
@@ -2270,7 +2365,14 @@ mod tests {
             store.flush().await.unwrap();
         }
         // Found again after a restart, each once.
-        let store = Store::open_with(dir.path(), 3, WATERMARK_EVERY).unwrap();
+        let store = Store::open_with(
+            dir.path(),
+            Limits {
+                max_fresh: 3,
+                ..Limits::default()
+            },
+        )
+        .unwrap();
         assert_eq!(store.count_pending_before(u64::MAX), 4);
         assert_eq!(due_of(&store, &b).len(), 2);
     }
