@@ -201,6 +201,15 @@ impl Fresh {
         }
     }
 
+    /// Starts every lane's count anew at `now_ms`, as after a restart: entries that came back
+    /// from storage are not spilled for the time the daemon was down, before their lanes had a
+    /// chance to drain.
+    pub fn begin_lanes(&mut self, now_ms: u64) {
+        for lane in self.lanes.values_mut() {
+            lane.progress_ms = lane.progress_ms.max(now_ms);
+        }
+    }
+
     /// The entries to spill by age, oldest first in each lane, about `limit` of them: those that
     /// arrived before `now_ms - stalled_age` in a lane with no outcome since then, and those
     /// that arrived before `now_ms - draining_age` in any lane. Nothing is removed (see

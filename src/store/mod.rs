@@ -1421,6 +1421,7 @@ fn recover_fresh(db: &sled::Db, tree: &sled::Tree) -> Result<(fresh::Fresh, Uuid
             fresh.add(event, head.received_at, &subs, waiting);
         }
     }
+    fresh.begin_lanes(now_ms());
     release_memory();
     Ok((fresh, watermark))
 }
@@ -2268,6 +2269,34 @@ mod tests {
         eventually("lane a's spill", || due_in_sled(&store).len() == 2).await;
         assert!(due_in_sled(&store).contains(&(a, kept.0, kept.1)));
         assert_eq!(due_of(&store, &a), vec![kept], "listed once");
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_old_entries_wait_for_their_lanes_before_they_are_spilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Uuid::now_v7();
+        let old = now_ms() - 2 * fresh::SPILL_AGE.as_millis() as u64;
+        let e = event(&[sub], old);
+        let did = delivery_id(&e.id, 0);
+        {
+            // As a crash leaves it: the event written, its delivery in memory only, the
+            // watermark at the event.
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .tree
+                .insert(key(EVENT, &e.id), encode_event(&e).unwrap())
+                .unwrap();
+            store.tree.insert(WATERMARK, e.id.as_bytes()).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        // A group goes through the writer (which spills what is due to be).
+        store.flush().await.unwrap();
+        assert!(
+            due_in_sled(&store).is_empty(),
+            "not spilled for the time the daemon was down"
+        );
+        assert_eq!(due_of(&store, &sub), vec![(old, did)]);
     }
 
     #[tokio::test]
