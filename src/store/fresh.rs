@@ -49,8 +49,8 @@ struct FreshEvent {
 /// A due entry kept in memory: subscription, due time (ms) and delivery.
 pub type Entry = (Uuid, u64, Uuid);
 
-/// One subscription's entries, in due order, and when one of them last left by an outcome (or,
-/// until one has, when the lane began).
+/// One subscription's entries, in due order, and when the subscription last had an outcome (or,
+/// until it has, when its lane's first entry arrived; after a restart, the restart).
 struct Lane {
     entries: BTreeSet<(u64, Uuid)>,
     progress_ms: u64,
@@ -64,7 +64,8 @@ pub struct Fresh {
     /// The events they belong to, oldest first.
     events: BTreeMap<Uuid, FreshEvent>,
     len: usize,
-    /// Events whose entries cannot be spilled (their record is unreadable): kept here.
+    /// Events whose entries cannot be spilled for room (their record, which names their
+    /// subscriptions, is unreadable): not tried again. [`Fresh::aged`] needs no record.
     kept: HashSet<Uuid>,
 }
 
@@ -123,14 +124,14 @@ impl Fresh {
         true
     }
 
-    /// Puts back an entry [`Fresh::take`] removed (its outcome could not be written).
-    pub fn restore(&mut self, sub: &Uuid, due_ms: u64, delivery: &Uuid) {
+    /// Puts back an entry [`Fresh::take`] removed (its outcome could not be written) at `now_ms`.
+    pub fn restore(&mut self, sub: &Uuid, due_ms: u64, delivery: &Uuid, now_ms: u64) {
         let Some((event, _)) = super::event_of(delivery) else {
             return;
         };
         let lane = self.lanes.entry(*sub).or_insert_with(|| Lane {
             entries: BTreeSet::new(),
-            progress_ms: due_ms,
+            progress_ms: now_ms,
         });
         if lane.entries.insert((due_ms, *delivery)) {
             self.len += 1;
@@ -194,7 +195,7 @@ impl Fresh {
         lanes.map(|(_, d)| *d).filter(|d| *d < before).collect()
     }
 
-    /// Notes that an entry of `sub`'s lane left by an outcome at `now_ms`: the lane drains.
+    /// Notes that an attempt of `sub` had its outcome at `now_ms`: its lane drains.
     pub fn progressed(&mut self, sub: &Uuid, now_ms: u64) {
         if let Some(lane) = self.lanes.get_mut(sub) {
             lane.progress_ms = lane.progress_ms.max(now_ms);
@@ -202,8 +203,8 @@ impl Fresh {
     }
 
     /// Starts every lane's count anew at `now_ms`, as after a restart: entries that came back
-    /// from storage are not spilled for the time the daemon was down, before their lanes had a
-    /// chance to drain.
+    /// from storage are not spilled at [`SPILL_AGE`] for the time the daemon was down, before
+    /// their lanes had a chance to drain (those past the draining age still are).
     pub fn begin_lanes(&mut self, now_ms: u64) {
         for lane in self.lanes.values_mut() {
             lane.progress_ms = lane.progress_ms.max(now_ms);
@@ -266,6 +267,11 @@ impl Fresh {
         self.kept.insert(event);
     }
 
+    #[cfg(test)]
+    pub fn progress_of(&self, sub: &Uuid) -> Option<u64> {
+        self.lanes.get(sub).map(|l| l.progress_ms)
+    }
+
     /// The oldest event with entries here.
     pub fn oldest_event(&self) -> Option<Uuid> {
         self.events.keys().next().copied()
@@ -301,7 +307,7 @@ mod tests {
         assert!(!f.take(&a, 100, &d1a));
         assert!(!f.contains(&a, 100, &d1a));
         // Put back (its outcome was not written), it is as before.
-        f.restore(&a, 100, &d1a);
+        f.restore(&a, 100, &d1a, 100);
         assert_eq!(f.len(), 4);
         assert_eq!(f.earliest(&a, 1, |_| false), vec![(100, d1a)]);
         assert!(f.take(&a, 100, &d1a));

@@ -1556,7 +1556,8 @@ impl Writer {
             match subs {
                 Ok(subs) => heads.push((event, received_at, subs)),
                 Err(e) => {
-                    // Kept in memory (and the watermark before it), no longer tried.
+                    // Not spilled for room any more (the lanes' age rule, which reads no
+                    // record, still spills its entries).
                     tracing::error!(error = %e, "cannot spill the deliveries of an event");
                     self.claims().fresh.keep(event);
                 }
@@ -1681,9 +1682,9 @@ impl Writer {
                     }
                     // The claim keeps lanes off it until the change is written.
                     let taken = claims.fresh.take(&subscription, claimed_due_ms, &delivery);
-                    if taken {
-                        claims.fresh.progressed(&subscription, now);
-                    }
+                    // Any outcome (a first attempt from memory or from sled, a retry) tells
+                    // that the subscription's lane drains.
+                    claims.fresh.progressed(&subscription, now);
                     if !taken {
                         // Removed before the next entry is written: when a retry is due in the
                         // same millisecond, the two keys are one, and the later write wins.
@@ -1729,7 +1730,7 @@ impl Writer {
                 if let Some((slot, Some((sub, due)))) = written
                     && !applied.ok(*slot)
                 {
-                    claimed.fresh.restore(sub, *due, delivery);
+                    claimed.fresh.restore(sub, *due, delivery, now);
                 }
             }
         }
@@ -2229,7 +2230,7 @@ mod tests {
     async fn a_lane_with_outcomes_keeps_its_old_entries_in_memory_until_it_stalls() {
         let dir = tempfile::tempdir().unwrap();
         // Long enough for a slow machine to take both events in within it.
-        let spill_age = Duration::from_secs(2);
+        let spill_age = Duration::from_secs(5);
         let store = Store::open_with(
             dir.path(),
             Limits {
@@ -2241,10 +2242,10 @@ mod tests {
         .unwrap();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let now = now_ms();
-        // Lane a begins now; then an event that has waited 3 s already goes to a and b.
+        // Lane a begins now; then an event that has waited 6 s already goes to a and b.
         let first = event(&[a], now);
         accept_now(&store, std::slice::from_ref(&first)).await;
-        let old = event(&[a, b], now - 3000);
+        let old = event(&[a, b], now - 6000);
         accept_now(&store, std::slice::from_ref(&old)).await;
         // Its delivery to b (a lane with no outcome for longer than the spill age) is spilled
         // in the group of its intake (a flush asked for is answered after that); a's stays in
@@ -2252,17 +2253,23 @@ mod tests {
         store.flush().await.unwrap();
         assert_eq!(
             due_in_sled(&store),
-            vec![(b, now - 3000, delivery_id(&old.id, 1))]
+            vec![(b, now - 6000, delivery_id(&old.id, 1))]
         );
-        // An outcome in lane a: the lane drains.
-        deliver(&store, &delivery_id(&first.id, 0), now, now_ms()).await;
+        // An outcome in lane a: the lane drains, counted from it.
+        let before = now_ms();
+        deliver(&store, &delivery_id(&first.id, 0), now, before).await;
         store.flush().await.unwrap();
+        let progress = store.claimed_set().fresh.progress_of(&a);
+        assert!(
+            progress.is_some_and(|t| t >= before),
+            "{progress:?} ≥ {before}"
+        );
         assert_eq!(
             due_in_sled(&store).len(),
             1,
             "a drains: nothing of it spilled"
         );
-        let kept = (now - 3000, delivery_id(&old.id, 0));
+        let kept = (now - 6000, delivery_id(&old.id, 0));
         assert_eq!(due_of(&store, &a), vec![kept]);
         // No more outcomes in a: once the spill age has passed since its last, the idle writer
         // spills its entry too.
