@@ -1998,6 +1998,18 @@ mod tests {
         assert!(claim_and_record(store, &d, due_ms).await);
     }
 
+    /// Writes an event's record into the database at `path` straight into sled, then what `more`
+    /// writes, as a crash or an earlier version may leave it.
+    fn write_raw(path: &Path, e: &StoredEvent, more: impl FnOnce(&sled::Tree)) {
+        let store = Store::open(path).unwrap();
+        store
+            .tree
+            .insert(key(EVENT, &e.id), encode_event(e).unwrap())
+            .unwrap();
+        more(&store.tree);
+        store.flush_blocking().unwrap();
+    }
+
     fn watermark(store: &Store) -> Uuid {
         uuid_at(&store.tree.get(WATERMARK).unwrap().unwrap(), 0)
     }
@@ -2285,17 +2297,11 @@ mod tests {
         let old = now_ms() - 2 * fresh::SPILL_AGE.as_millis() as u64;
         let e = event(&[sub], old);
         let did = delivery_id(&e.id, 0);
-        {
-            // As a crash leaves it: the event written, its delivery in memory only, the
-            // watermark at the event.
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .tree
-                .insert(key(EVENT, &e.id), encode_event(&e).unwrap())
-                .unwrap();
-            store.tree.insert(WATERMARK, e.id.as_bytes()).unwrap();
-            store.flush_blocking().unwrap();
-        }
+        // As a crash leaves it: the event written, its delivery in memory only, the watermark
+        // at the event.
+        write_raw(dir.path(), &e, |tree| {
+            tree.insert(WATERMARK, e.id.as_bytes()).unwrap();
+        });
         let store = Store::open(dir.path()).unwrap();
         // A group goes through the writer (which spills what is due to be).
         store.flush().await.unwrap();
@@ -2325,17 +2331,11 @@ mod tests {
         let now = now_ms();
         let e = event(&[sub], now);
         let did = delivery_id(&e.id, 0);
-        {
-            // As an earlier version wrote it: the event, a due entry per delivery, no watermark.
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .tree
-                .insert(key(EVENT, &e.id), encode_event(&e).unwrap())
-                .unwrap();
-            store.tree.insert(due_key(&sub, now, &did), EMPTY).unwrap();
-            store.tree.remove(WATERMARK).unwrap();
-            store.flush_blocking().unwrap();
-        }
+        // As an earlier version wrote it: the event, a due entry per delivery, no watermark.
+        write_raw(dir.path(), &e, |tree| {
+            tree.insert(due_key(&sub, now, &did), EMPTY).unwrap();
+            tree.remove(WATERMARK).unwrap();
+        });
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(due_of(&store, &sub), vec![(now, did)]);
         assert_eq!(store.count_pending_before(u64::MAX), 1);
