@@ -111,21 +111,45 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
-    init_logging(&config);
+    // Dropped last: the lines still queued are written out after the runtime has stopped.
+    let _log = init_logging(&config);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(config))
 }
 
-fn init_logging(config: &Config) {
+/// Log lines go to stderr through a thread of their own (see `ops::log`); the guard writes out
+/// what is still queued when it is dropped.
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = webhook_dispatcher::ops::log::stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
+    }
+    guard
+}
+
+/// Says in the log, once lines get through again, how many were dropped while stderr was not
+/// read (checked every few seconds).
+async fn report_dropped_log_lines() {
+    let mut reported = 0;
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        let dropped = webhook_dispatcher::ops::log::dropped_lines();
+        if dropped > reported {
+            tracing::warn!(
+                dropped = dropped - reported,
+                total = dropped,
+                "log lines dropped: stderr was not read as fast as they came (the delivery log and `dispatcher tail` have every attempt)"
+            );
+            reported = dropped;
+        }
     }
 }
 
@@ -137,6 +161,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "dispatcher serving");
+    tokio::spawn(report_dropped_log_lines());
     // A line on stdout that scripts and tests can wait for.
     println!("listening on {local}");
     dispatcher.serve(listener, shutdown_signal()).await?;

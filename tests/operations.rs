@@ -509,6 +509,85 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
     }
 }
 
+/// The real binary with its stderr a pipe that nobody reads. Each attempt logs a line; once the
+/// pipe's buffer (64 KiB on Linux, a few hundred lines) is full, a daemon that wrote its lines on
+/// the delivery workers stopped delivering. The lines wait in memory instead, and every one of
+/// them comes out once stderr is read.
+#[tokio::test]
+async fn deliveries_go_on_while_nobody_reads_stderr_and_its_lines_come_out_later() {
+    const EVENTS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::binary_config(dir.path(), "");
+    let rx = Receiver::start(200).await;
+    let (mut child, base) = common::start_binary(&config, std::process::Stdio::piped());
+    // Held, not read: the pipe stays open and fills up.
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/subscriptions"))
+        .body(json!({"url": rx.url("/hook"), "events": ["add_lead"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for batch in 0..EVENTS / 1_000 {
+        let events: Vec<Value> = (0..1_000)
+            .map(|i| json!({"event": "add_lead", "data": {"id": batch * 1_000 + i}}))
+            .collect();
+        let r = http
+            .post(format!("{base}/v1/events"))
+            .body(json!({ "events": events }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    // About 250 bytes a line: 2,000 lines are several times what the pipe holds.
+    rx.wait_requests(EVENTS, Duration::from_secs(60)).await;
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\ndispatcher_log_lines_dropped_total 0\n"),
+        "none dropped: 2,000 lines fit the queue\n{metrics}"
+    );
+
+    // Now stderr is read: every attempt's line comes out.
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut attempts = 0;
+    let deadline = Instant::now() + WAIT;
+    while attempts < EVENTS && Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(50))
+            && line.contains(": attempt delivery=")
+        {
+            attempts += 1;
+        }
+    }
+    assert_eq!(attempts, EVENTS, "one line per attempt came out");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
+    assert!(status.success());
+}
+
 /// A subscription deleted while an attempt is in flight: the attempt's outcome does not bring its
 /// delivery back, and the pending gauge counts it once.
 #[tokio::test]

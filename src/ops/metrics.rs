@@ -38,6 +38,7 @@ pub struct Metrics {
     active: Gauge,
     backlog: Gauge,
     lag: Gauge<f64, AtomicU64>,
+    log_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +94,12 @@ impl Metrics {
             "Now minus the due time of the oldest due delivery of an enabled subscription",
             lag.clone(),
         );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not read as fast as they came",
+            log_dropped.clone(),
+        );
         Metrics {
             registry,
             events_accepted,
@@ -102,6 +109,7 @@ impl Metrics {
             active,
             backlog,
             lag,
+            log_dropped,
         }
     }
 
@@ -136,6 +144,10 @@ impl Metrics {
     pub fn render(&self, active: usize, lag: Duration) -> String {
         self.active.set(active as i64);
         self.lag.set(lag.as_secs_f64());
+        // The process's count (there is one stderr), brought up to date in this registry.
+        let dropped = super::log::dropped_lines();
+        self.log_dropped
+            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
