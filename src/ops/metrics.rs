@@ -144,10 +144,12 @@ impl Metrics {
     pub fn render(&self, active: usize, lag: Duration) -> String {
         self.active.set(active as i64);
         self.lag.set(lag.as_secs_f64());
-        // The process's count (there is one stderr), brought up to date in this registry.
+        // The process's count (there is one stderr), brought up to date in this registry; two
+        // scrapes at once both leave it there.
         let dropped = super::log::dropped_lines();
         self.log_dropped
-            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
+            .inner()
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
