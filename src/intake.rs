@@ -258,7 +258,10 @@ impl Intake {
                 primes.push((event_id, event, subs));
             }
             // Queued under the gate: a subscription deleted after this is cleaned up after it.
-            self.store.accept(&items, &keys)?
+            let mut held_subs: Vec<Uuid> = held.iter().map(|(_, s)| s.id).collect();
+            held_subs.sort_unstable();
+            held_subs.dedup();
+            self.store.accept(&items, &keys, &held_subs)?
         };
         for ((id, event, subs), item) in primes.iter().zip(&items) {
             self.engine

@@ -194,8 +194,9 @@ enum Write {
     Exclusive(Box<dyn FnOnce() + Send>),
 }
 
-/// An event written at intake: id, arrival, subscriptions.
-type NewEvent = (Uuid, u64, Vec<Uuid>);
+/// An event written at intake: id, arrival, subscriptions, and the indexes of the deliveries
+/// that wait for their first attempt in memory (the others are held: see [`Store::accept`]).
+type NewEvent = (Uuid, u64, Vec<Uuid>, Vec<usize>);
 
 /// What runs on the writer thread once an attempt's outcome is applied: `Ok(true)` when it was
 /// written, `Ok(false)` when its claimed due entry was gone and nothing was.
@@ -645,9 +646,12 @@ impl Store {
     // ---- intake ----
 
     /// Writes events in one atomic batch (not yet flushed); their deliveries are due at once,
-    /// and kept in memory until their first attempt (see `fresh`). Events sent with an
-    /// idempotency key record their receipt under it in the same batch. Delivery `i` of an event
-    /// goes to its `i`-th subscription (see [`delivery_id`]).
+    /// and kept in memory until their first attempt (see `fresh`), but for those to the `held`
+    /// subscriptions (disabled ones), which get their due entries in sled in the same batch: a
+    /// held delivery waits for its subscription, which may be long, and in memory it would take
+    /// the room of deliveries that go out. Events sent with an idempotency key record their
+    /// receipt under it in the same batch. Delivery `i` of an event goes to its `i`-th
+    /// subscription (see [`delivery_id`]).
     ///
     /// The writes are queued in call order; the returned [`Durable`] resolves once they are
     /// applied and flushed.
@@ -655,6 +659,7 @@ impl Store {
         &self,
         events: &[StoredEvent<E>],
         keys: &[(String, IdempotencyRecord)],
+        held: &[Uuid],
     ) -> Result<Durable, StoreError> {
         let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + events.len());
         for (k, record) in keys {
@@ -666,7 +671,15 @@ impl Store {
         let mut new = Vec::with_capacity(events.len());
         for event in events {
             writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
-            new.push((event.id, event.received_at, event.subscriptions.clone()));
+            let waiting = (0..event.subscriptions.len())
+                .filter(|i| !held.contains(&event.subscriptions[*i]))
+                .collect();
+            new.push((
+                event.id,
+                event.received_at,
+                event.subscriptions.clone(),
+                waiting,
+            ));
         }
         let (tx, rx) = oneshot::channel();
         self.writer
@@ -1652,15 +1665,22 @@ impl Writer {
                 }
                 Write::Durable(mut writes, new, done) => {
                     let mut kept = Vec::with_capacity(new.len());
-                    for (id, received_at, subs) in new {
-                        if subs.len() <= room {
-                            room -= subs.len();
-                            kept.push((id, received_at, subs));
-                            continue;
-                        }
+                    for (id, received_at, subs, waiting) in new {
+                        // Held deliveries, and all of an event beyond memory's room, get their
+                        // due entries in sled at once.
+                        let kept_here = !waiting.is_empty() && waiting.len() <= room;
+                        // `waiting` is in ascending order.
+                        let mut here = waiting.iter().peekable();
                         for (i, sub) in subs.iter().enumerate() {
+                            if kept_here && here.next_if_eq(&&i).is_some() {
+                                continue;
+                            }
                             let due = due_key(sub, received_at, &delivery_id(&id, i));
                             writes.push((due.to_vec(), Some(Vec::new())));
+                        }
+                        if kept_here {
+                            room -= waiting.len();
+                            kept.push((id, received_at, subs, waiting));
                         }
                     }
                     let slot = intake.put(writes);
@@ -1779,14 +1799,14 @@ impl Writer {
     ) {
         // An event older than the watermark (its id was made before a later event's was
         // written) moves it back, written before anything else, so recovery cannot miss it.
-        let waiting = events.iter().filter(|((_, _, subs), _)| !subs.is_empty());
-        if let Some(oldest) = waiting.map(|((id, _, _), _)| *id).min()
+        // Every event here has deliveries in memory (see `Writer::apply`).
+        if let Some(oldest) = events.iter().map(|((id, _, _, _), _)| *id).min()
             && oldest < self.watermark
         {
             changes.first = Some((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
             self.watermark = oldest;
         }
-        if let Some(latest) = events.iter().map(|((id, _, _), _)| *id).max() {
+        if let Some(latest) = events.iter().map(|((id, _, _, _), _)| *id).max() {
             self.newest = self.newest.max(latest);
         }
         let applied = changes.apply(&self.tree);
@@ -1795,10 +1815,9 @@ impl Writer {
         }
         if !events.is_empty() {
             let mut claimed = self.claims();
-            for ((id, received_at, subs), slot) in events {
+            for ((id, received_at, subs, waiting), slot) in events {
                 if applied.ok(slot) {
-                    let n = subs.len();
-                    claimed.fresh.add(id, received_at, &subs, 0..n);
+                    claimed.fresh.add(id, received_at, &subs, waiting);
                 }
             }
         }
@@ -1957,7 +1976,12 @@ mod tests {
 
     /// Takes events in and waits until they are flushed.
     async fn accept_now(store: &Store, events: &[StoredEvent]) {
-        store.accept(events, &[]).unwrap().wait().await.unwrap();
+        store
+            .accept(events, &[], &[])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
     }
 
     fn ended(mut d: Delivery, status: DeliveryStatus, at: u64) -> Delivery {
@@ -2072,7 +2096,9 @@ mod tests {
             }),
         );
         let later = event(&[sub], now_ms());
-        let durable = store.accept(std::slice::from_ref(&later), &[]).unwrap();
+        let durable = store
+            .accept(std::slice::from_ref(&later), &[], &[])
+            .unwrap();
         go.send(()).unwrap();
         assert!(held.await.unwrap().is_ok());
         durable.wait().await.unwrap();
@@ -2118,7 +2144,7 @@ mod tests {
             }),
         );
         let c = event(&[sub], now_ms());
-        let durable = store.accept(std::slice::from_ref(&c), &[]).unwrap();
+        let durable = store.accept(std::slice::from_ref(&c), &[], &[]).unwrap();
         let (asked, flushed) = oneshot::channel();
         let flush = Write::Durable(Vec::new(), Vec::new(), asked);
         assert!(store.writer.send(flush).is_ok());
@@ -2185,6 +2211,51 @@ mod tests {
             store.delivery(&d(0, 1)).unwrap().unwrap().status,
             DeliveryStatus::Delivered
         );
+    }
+
+    #[tokio::test]
+    async fn deliveries_to_a_held_subscription_get_their_due_entries_in_sled_at_intake() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, held) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        let events = [
+            event(&[a, held], now),
+            event(&[held, a], now),
+            event(&[held], now),
+        ];
+        let d = |e: usize, i: usize| delivery_id(&events[e].id, i);
+        let mut in_sled = vec![
+            (held, now, d(0, 1)),
+            (held, now, d(1, 0)),
+            (held, now, d(2, 0)),
+        ];
+        in_sled.sort();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .accept(&events, &[], &[held])
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            // The held ones are in sled, written with the events; the others wait in memory.
+            assert_eq!(due_in_sled(&store), in_sled);
+            assert_eq!(store.claimed_set().fresh.len(), 2);
+            assert_eq!(due_of(&store, &a), vec![(now, d(0, 0)), (now, d(1, 1))]);
+            assert_eq!(due_of(&store, &held).len(), 3);
+            assert_eq!(store.count_pending_before(u64::MAX), 5);
+            // One of them goes out once its subscription is enabled: from sled.
+            deliver(&store, &d(2, 0), now, now).await;
+            in_sled.retain(|(_, _, delivery)| *delivery != d(2, 0));
+            assert_eq!(due_in_sled(&store), in_sled);
+            store.flush().await.unwrap();
+        }
+        // After a restart, memory holds the same two, and sled the held ones left.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.claimed_set().fresh.len(), 2);
+        assert_eq!(due_of(&store, &a), vec![(now, d(0, 0)), (now, d(1, 1))]);
+        assert_eq!(due_in_sled(&store), in_sled);
+        assert_eq!(store.count_pending_before(u64::MAX), 4);
     }
 
     #[tokio::test]
