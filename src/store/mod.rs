@@ -1653,6 +1653,9 @@ impl Writer {
         // Events whose deliveries go into memory once written, with the change that writes them.
         let mut events: Vec<(NewEvent, Slot)> = Vec::new();
         let mut intake = Changes::default();
+        // The newest event of the group, in memory or not: the watermark may pass it once
+        // memory holds nothing older (see `Writer::advance_watermark`).
+        let mut latest: Option<Uuid> = None;
         let mut results = Changes::default();
         let mut claims = self.claims();
         let now = now_ms();
@@ -1666,6 +1669,7 @@ impl Writer {
                 Write::Durable(mut writes, new, done) => {
                     let mut kept = Vec::with_capacity(new.len());
                     for (id, received_at, subs, waiting) in new {
+                        latest = latest.max(Some(id));
                         // Held deliveries, and all of an event beyond memory's room, get their
                         // due entries in sled at once.
                         let kept_here = !waiting.is_empty() && waiting.len() <= room;
@@ -1727,7 +1731,7 @@ impl Writer {
             .filter_map(|(delivery, _, _)| event_of(delivery).map(|(event, _)| event))
             .min();
         let mut keys = intake.keys;
-        self.apply_intake(intake, events, durable, floor);
+        self.apply_intake(intake, events, durable, floor, latest);
         let spill = self.spill_into(&mut results.batch);
         results.keys += spill.len();
         results.batched |= !spill.is_empty();
@@ -1796,6 +1800,7 @@ impl Writer {
         events: Vec<(NewEvent, Slot)>,
         durable: Vec<(Slot, oneshot::Sender<Result<(), String>>)>,
         floor: Option<Uuid>,
+        latest: Option<Uuid>,
     ) {
         // An event older than the watermark (its id was made before a later event's was
         // written) moves it back, written before anything else, so recovery cannot miss it.
@@ -1806,7 +1811,7 @@ impl Writer {
             changes.first = Some((WATERMARK.to_vec(), Some(oldest.as_bytes().to_vec())));
             self.watermark = oldest;
         }
-        if let Some(latest) = events.iter().map(|((id, _, _, _), _)| *id).max() {
+        if let Some(latest) = latest {
             self.newest = self.newest.max(latest);
         }
         let applied = changes.apply(&self.tree);
@@ -2211,6 +2216,24 @@ mod tests {
             store.delivery(&d(0, 1)).unwrap().unwrap().status,
             DeliveryStatus::Delivered
         );
+    }
+
+    #[tokio::test]
+    async fn events_whose_deliveries_are_all_in_sled_let_the_watermark_pass_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Uuid::now_v7();
+        let store = Store::open(dir.path()).unwrap();
+        let events: Vec<StoredEvent> = (0..3).map(|_| event(&[held], now_ms())).collect();
+        store
+            .accept(&events, &[], &[held])
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        // Nothing of them is in memory: a restart need not read them again.
+        let newest = events.iter().map(|e| e.id).max().unwrap();
+        assert_eq!(watermark(&store), newest);
     }
 
     #[tokio::test]
