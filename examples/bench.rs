@@ -943,7 +943,7 @@ async fn storage(ctx: &Ctx) -> Result<Outcome> {
                     event: body.clone(),
                     subscriptions: subs.clone(),
                 };
-                st.accept(&[event], &[])?.wait().await?;
+                st.accept(&[event], &[], &[])?.wait().await?;
             }
             anyhow::Ok(())
         }));
