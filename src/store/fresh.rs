@@ -8,13 +8,15 @@
 //! intake plus its removal. Most deliveries never cost a due entry at all.
 //!
 //! What bounds this: a delivery still here after [`SPILL_AGE`] in a lane that has had no outcome
-//! for as long (a held subscription, a receiver that answers nothing) gets its due entry written
+//! for as long (a subscription disabled after intake, a receiver that answers nothing) gets its
+//! due entry written
 //! to sled after all (it is *spilled*) and leaves memory; from then on it is an ordinary due
 //! entry. A lane that drains keeps its entries here up to [`DRAINING_SPILL_AGE`]: the oldest
 //! entries of a backlog are the next to go out, and spilling them would only make each of them
 //! cost a due entry written, read and removed, which slows the drain that would have ended
 //! their wait. An event that would take this past [`MAX_FRESH`] entries gets its due entries in
-//! sled at intake.
+//! sled at intake, and so do deliveries to a subscription disabled at intake (held: they wait
+//! for as long as it stays so).
 //! After a crash the writer's watermark (the oldest event that may still have deliveries here, or
 //! whose outcome taken from here is not written yet) tells where to look: every delivery of an
 //! event from it on that has neither a `d` record nor a due entry comes back here (see
