@@ -111,7 +111,8 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
-    // Dropped last: the lines still queued are written out after the runtime has stopped.
+    // Dropped last: the lines still queued are written out after the runtime has stopped, if
+    // stderr takes them within about a second.
     let _log = init_logging(&config);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(config))
@@ -131,6 +132,16 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    // A panic is logged like the rest: the default hook writes to stderr from the panicking
+    // thread, which a stderr nobody reads would block (the writer thread outlives a panic in
+    // what follows an outcome, and would stop there).
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            "panicked: {info}"
+        );
+    }));
     guard
 }
 
@@ -148,7 +159,10 @@ async fn report_dropped_log_lines() {
                 total = dropped,
                 "log lines dropped: stderr was not read as fast as they came (the delivery log and `dispatcher tail` have every attempt)"
             );
-            reported = dropped;
+            // Had this warning been dropped too, the next one counts from the same point.
+            if webhook_dispatcher::ops::log::dropped_lines() == dropped {
+                reported = dropped;
+            }
         }
     }
 }
