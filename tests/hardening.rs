@@ -6,7 +6,6 @@ mod common;
 use common::{Receiver, TestServer, wait_for, wait_for_async};
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -314,12 +313,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         (accepted.lock().unwrap().len() >= 50 && rx.count() >= 4).then_some(())
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = wait_for("exit after SIGTERM", WAIT, || child.try_wait().unwrap()).await;
-    assert!(status.success(), "exit status {status}");
+    common::stop_binary(&mut child).await;
     for s in senders {
         s.await.unwrap();
     }

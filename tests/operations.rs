@@ -7,7 +7,6 @@ use common::{Receiver, TestServer, wait_for, wait_for_async};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -474,12 +473,7 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
             .find(|v| v["message"] == "attempt")
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
-    assert!(status.success());
+    common::stop_binary(&mut child).await;
 
     assert_eq!(attempt["host"], "127.0.0.1");
     assert_eq!(attempt["event"], "add_lead");
@@ -580,12 +574,7 @@ async fn deliveries_go_on_while_nobody_reads_stderr_and_its_lines_come_out_later
         }
     }
     assert_eq!(attempts, EVENTS, "one line per attempt came out");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
-    assert!(status.success());
+    common::stop_binary(&mut child).await;
 }
 
 /// A subscription deleted while an attempt is in flight: the attempt's outcome does not bring its

@@ -2464,15 +2464,16 @@ mod tests {
         let now = now_ms();
         let first = event(&[a, b], now);
         let second = event(&[a, b], now);
+        // Memory holds three deliveries at most.
+        let open = || {
+            let limits = Limits {
+                max_fresh: 3,
+                ..Limits::default()
+            };
+            Store::open_with(dir.path(), limits).unwrap()
+        };
         {
-            let store = Store::open_with(
-                dir.path(),
-                Limits {
-                    max_fresh: 3,
-                    ..Limits::default()
-                },
-            )
-            .unwrap();
+            let store = open();
             accept_now(&store, std::slice::from_ref(&first)).await;
             accept_now(&store, std::slice::from_ref(&second)).await;
             // Two of the first fit; the second's two would make four.
@@ -2495,14 +2496,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         // Found again after a restart, each once.
-        let store = Store::open_with(
-            dir.path(),
-            Limits {
-                max_fresh: 3,
-                ..Limits::default()
-            },
-        )
-        .unwrap();
+        let store = open();
         assert_eq!(store.count_pending_before(u64::MAX), 4);
         assert_eq!(due_of(&store, &b).len(), 2);
     }

@@ -498,6 +498,21 @@ pub fn start_binary(
     (child, format!("http://{addr}"))
 }
 
+/// Sends the real binary SIGTERM and waits (at most 10 s) for it to exit 0.
+pub async fn stop_binary(child: &mut std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    let status = wait_for(
+        "the daemon to exit after SIGTERM",
+        Duration::from_secs(10),
+        || child.try_wait().unwrap(),
+    )
+    .await;
+    assert!(status.success(), "exit status {status}");
+}
+
 /// A config file for the real binary in `dir`: loopback listen on an ephemeral port, storage in
 /// `dir`, loopback receivers allowed, plus `extra` TOML.
 pub fn binary_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
