@@ -194,9 +194,14 @@ enum Write {
     Exclusive(Box<dyn FnOnce() + Send>),
 }
 
-/// An event written at intake: id, arrival, subscriptions, and the indexes of the deliveries
-/// that wait for their first attempt in memory (the others are held: see [`Store::accept`]).
+/// An event written at intake: id, arrival, subscriptions, and the indexes (ascending) of its
+/// held deliveries, which do not wait in memory (see [`Store::accept`]); most events have none.
 type NewEvent = (Uuid, u64, Vec<Uuid>, Vec<usize>);
+
+/// The deliveries of an event that wait for their first attempt in memory: all but the held ones.
+fn waiting<'a>(subs: &[Uuid], held: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+    (0..subs.len()).filter(move |i| held.binary_search(i).is_err())
+}
 
 /// What runs on the writer thread once an attempt's outcome is applied: `Ok(true)` when it was
 /// written, `Ok(false)` when its claimed due entry was gone and nothing was.
@@ -671,14 +676,14 @@ impl Store {
         let mut new = Vec::with_capacity(events.len());
         for event in events {
             writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
-            let waiting = (0..event.subscriptions.len())
-                .filter(|i| !held.contains(&event.subscriptions[*i]))
+            let held = (0..event.subscriptions.len())
+                .filter(|i| held.contains(&event.subscriptions[*i]))
                 .collect();
             new.push((
                 event.id,
                 event.received_at,
                 event.subscriptions.clone(),
-                waiting,
+                held,
             ));
         }
         let (tx, rx) = oneshot::channel();
@@ -1668,23 +1673,22 @@ impl Writer {
                 }
                 Write::Durable(mut writes, new, done) => {
                     let mut kept = Vec::with_capacity(new.len());
-                    for (id, received_at, subs, waiting) in new {
+                    for (id, received_at, subs, held) in new {
                         latest = latest.max(Some(id));
                         // Held deliveries, and all of an event beyond memory's room, get their
                         // due entries in sled at once.
-                        let kept_here = !waiting.is_empty() && waiting.len() <= room;
-                        // `waiting` is in ascending order.
-                        let mut here = waiting.iter().peekable();
+                        let here = subs.len() - held.len();
+                        let kept_here = here > 0 && here <= room;
                         for (i, sub) in subs.iter().enumerate() {
-                            if kept_here && here.next_if_eq(&&i).is_some() {
+                            if kept_here && held.binary_search(&i).is_err() {
                                 continue;
                             }
                             let due = due_key(sub, received_at, &delivery_id(&id, i));
                             writes.push((due.to_vec(), Some(Vec::new())));
                         }
                         if kept_here {
-                            room -= waiting.len();
-                            kept.push((id, received_at, subs, waiting));
+                            room -= here;
+                            kept.push((id, received_at, subs, held));
                         }
                     }
                     let slot = intake.put(writes);
@@ -1820,9 +1824,11 @@ impl Writer {
         }
         if !events.is_empty() {
             let mut claimed = self.claims();
-            for ((id, received_at, subs, waiting), slot) in events {
+            for ((id, received_at, subs, held), slot) in events {
                 if applied.ok(slot) {
-                    claimed.fresh.add(id, received_at, &subs, waiting);
+                    claimed
+                        .fresh
+                        .add(id, received_at, &subs, waiting(&subs, &held));
                 }
             }
         }
