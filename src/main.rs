@@ -113,17 +113,18 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     // Dropped last: the lines still queued are written out after the runtime has stopped, if
     // stderr takes them within about a second.
-    let _log = init_logging(&config);
+    let _log = init_logging(&config)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(config))
 }
 
 /// Log lines go to stderr through a thread of their own (see `ops::log`); the guard writes out
 /// what is still queued when it is dropped.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(config: &Config) -> anyhow::Result<webhook_dispatcher::ops::log::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = webhook_dispatcher::ops::log::stderr();
+    let (writer, guard) = webhook_dispatcher::ops::log::stderr()
+        .map_err(|e| anyhow::anyhow!("cannot start the log's writer thread: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -142,7 +143,7 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
             "panicked: {info}"
         );
     }));
-    guard
+    Ok(guard)
 }
 
 /// Says in the log, once lines get through again, how many were dropped while stderr was not

@@ -9,7 +9,7 @@
 
 use super::conn::{ConnectError, Dialer, Origin, Slot};
 use super::guard::{Guard, GuardedResolver};
-use super::signature;
+use super::signature::Signer;
 use crate::store::Subscription;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -94,6 +94,8 @@ pub fn build_client(
 /// The request of one attempt.
 pub struct AttemptRequest<'a> {
     pub sub: &'a Subscription,
+    /// The subscription's secret as an HMAC key.
+    pub signer: &'a Signer,
     pub url: &'a url::Url,
     pub delivery_id: Uuid,
     /// From the format's encoder: `creatio-form`'s names its multipart boundary.
@@ -113,6 +115,7 @@ pub async fn send(
     let started = Instant::now();
     let AttemptRequest {
         sub,
+        signer,
         url,
         delivery_id,
         content_type,
@@ -127,7 +130,8 @@ pub async fn send(
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let msg_id = delivery_id.to_string();
-    let sig = signature::sign(&sub.secret, &msg_id, timestamp, &body);
+    let timestamp = timestamp.to_string();
+    let sig = signer.sign(&msg_id, &timestamp, &body);
     let out = Outgoing {
         sub,
         url,
@@ -135,7 +139,7 @@ pub async fn send(
             (header::CONTENT_TYPE, content_type),
             (X_REQUEST_ID, Uuid::new_v4().to_string()),
             (WEBHOOK_ID, msg_id),
-            (WEBHOOK_TIMESTAMP, timestamp.to_string()),
+            (WEBHOOK_TIMESTAMP, timestamp),
             (WEBHOOK_SIGNATURE, sig),
         ],
         body,

@@ -33,6 +33,7 @@ use bodies::Bodies;
 use guard::Guard;
 use retry::is_success;
 use serde_json::{Map, Value};
+use signature::Signer;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,6 +91,8 @@ struct Job {
     first: bool,
     /// The subscription's URL, parsed once per lane and URL.
     url: Destination,
+    /// Its secret as an HMAC key, made once per lane and secret.
+    signer: Arc<Signer>,
     permits: (conn::Slot, OwnedSemaphorePermit),
 }
 
@@ -215,8 +218,9 @@ impl Engine {
             closed: CancellationToken::new(),
         });
         let _close = workers.closed.clone().drop_guard();
-        // The subscription's URL, parsed: again only when it changes.
+        // The subscription's URL, parsed, and its secret as a key: again only when they change.
         let mut parsed: Option<(String, Destination)> = None;
+        let mut keyed: Option<(String, Arc<Signer>)> = None;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -294,11 +298,20 @@ impl Engine {
                                     url
                                 }
                             };
+                            let signer = match &keyed {
+                                Some((secret, signer)) if *secret == sub.secret => signer.clone(),
+                                _ => {
+                                    let signer = Arc::new(Signer::new(&sub.secret));
+                                    keyed = Some((sub.secret.clone(), signer.clone()));
+                                    signer
+                                }
+                            };
                             let job = Job {
                                 sub,
                                 due: d,
                                 first: claimed == store::Claimed::First,
                                 url,
+                                signer,
                                 permits: (slot, permit),
                             };
                             self.hand_over(&workers, job, &wake);
@@ -364,6 +377,7 @@ impl Engine {
             due,
             first,
             url,
+            signer,
             mut permits,
         } = job;
         let delivery_id = due.delivery;
@@ -440,6 +454,7 @@ impl Engine {
                     &mut permits.0,
                     AttemptRequest {
                         sub: &sub,
+                        signer: &signer,
                         url: &url,
                         delivery_id: d.id,
                         content_type: body.content_type,
