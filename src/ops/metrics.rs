@@ -97,7 +97,7 @@ impl Metrics {
         let log_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
-            "Log lines dropped because stderr was not read as fast as they came",
+            "Log lines dropped because stderr was not read as fast as they came, or refused them",
             log_dropped.clone(),
         );
         Metrics {
