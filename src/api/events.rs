@@ -3,13 +3,15 @@
 use super::{ApiError, body, parse_json};
 use crate::App;
 use crate::intake::IntakeError;
+use crate::intake::Receipt;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use std::sync::Arc;
 
 impl From<IntakeError> for ApiError {
@@ -42,5 +44,12 @@ pub async fn create(
     let value: Value = parse_json(&bytes)?;
     let events = app.intake.parse_body(value)?;
     let receipts = app.intake.accept(events).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "events": receipts }))))
+    Ok((StatusCode::ACCEPTED, Json(Receipts { events: receipts })))
+}
+
+/// The answer to `POST /v1/events`: `{"events": [{"id": …, "deliveries": …}]}`, serialized
+/// straight from the receipts.
+#[derive(Serialize)]
+struct Receipts {
+    events: Vec<Receipt>,
 }
