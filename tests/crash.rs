@@ -12,7 +12,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Daemon {
-    child: std::process::Child,
+    child: common::Binary,
     base: String,
 }
 

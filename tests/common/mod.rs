@@ -465,21 +465,46 @@ impl TestServer {
     }
 }
 
-/// The real `dispatcher serve --config CONFIG` binary, stderr into `stderr`; returns the child and
-/// its base URL once it prints `listening on ADDR`.
-pub fn start_binary(
-    config: &std::path::Path,
-    stderr: std::process::Stdio,
-) -> (std::process::Child, String) {
+/// A running `dispatcher` binary, killed when dropped unless it has exited: a test whose
+/// assertion fails does not leave it running.
+pub struct Binary(std::process::Child);
+
+impl std::ops::Deref for Binary {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Binary {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The real `dispatcher serve --config CONFIG` binary, stderr into `stderr`; returns it and its
+/// base URL once it prints `listening on ADDR`.
+pub fn start_binary(config: &std::path::Path, stderr: std::process::Stdio) -> (Binary, String) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env_remove("DISPATCHER_SERVER_LISTEN")
-        .stdout(std::process::Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("the dispatcher binary starts");
+    let mut child = Binary(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("DISPATCHER_SERVER_LISTEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("the dispatcher binary starts"),
+    );
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -499,7 +524,7 @@ pub fn start_binary(
 }
 
 /// Sends the real binary SIGTERM and waits (at most 10 s) for it to exit 0.
-pub async fn stop_binary(child: &mut std::process::Child) {
+pub async fn stop_binary(child: &mut Binary) {
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
