@@ -142,6 +142,9 @@ fn init_logging(config: &Config) -> anyhow::Result<webhook_dispatcher::ops::log:
             thread = thread.name().unwrap_or("unnamed"),
             "panicked: {info}"
         );
+        // Written now rather than within the log's next few milliseconds: the process may be
+        // about to abort.
+        webhook_dispatcher::ops::log::flush_stderr(std::time::Duration::from_millis(100));
     }));
     Ok(guard)
 }

@@ -46,6 +46,10 @@ struct Queue {
     queued: usize,
     /// Lines the writer thread took and is writing.
     writing: usize,
+    /// Someone waits for what is queued to be written: no gathering.
+    urgent: bool,
+    /// The writer thread is gathering lines.
+    gathering: bool,
     /// No more lines come: the thread writes what it holds and ends.
     closed: bool,
     /// The thread has ended.
@@ -54,13 +58,23 @@ struct Queue {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Lines came (the first of a batch, or enough to end the gathering), or `closed`.
+    /// Lines came (the first of a batch, or enough to end the gathering), `urgent` or `closed`.
     wake: Condvar,
-    /// The thread ended.
-    ended: Condvar,
+    /// A batch was written, or the thread ended.
+    written: Condvar,
     dropped: AtomicU64,
     limit: usize,
     write_buffer: usize,
+}
+
+/// Marks the writer thread ended however it ends, a panic included, so that nobody waits for it.
+struct Ended<'a>(&'a Shared);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.queue().done = true;
+        self.0.written.notify_all();
+    }
 }
 
 impl Shared {
@@ -84,22 +98,24 @@ impl Shared {
         }
     }
 
-    /// The writer thread: waits for a line, gathers for [`GATHER`] (or until `write_buffer`
-    /// bytes queued), writes them out, again until closed.
+    /// The writer thread: waits for a line, gathers for `gather` (or until `write_buffer` bytes
+    /// queued), writes them out, again until closed.
     fn run<W: Write>(&self, mut out: W, gather: Duration) {
+        let _ended = Ended(self);
         let mut batch = Vec::new();
+        // The last write stopped within a line: the next starts on a line of its own.
+        let mut broken = false;
         loop {
             let mut q = self.queue();
             while q.bytes.is_empty() && !q.closed {
                 q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
             }
             if q.bytes.is_empty() {
-                q.done = true;
-                self.ended.notify_all();
                 return;
             }
             let until = Instant::now() + gather;
-            while !q.closed && q.bytes.len() < self.write_buffer {
+            q.gathering = true;
+            while !q.closed && !q.urgent && q.bytes.len() < self.write_buffer {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -110,20 +126,71 @@ impl Shared {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
+            q.gathering = false;
             std::mem::swap(&mut q.bytes, &mut batch);
+            // A flush waits for these lines only: the lines after them are gathered again.
+            q.urgent = false;
             let lines = std::mem::take(&mut q.queued);
             q.writing = lines;
             drop(q);
-            if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-                // A closed stderr: the lines are lost, and counted as dropped.
-                self.dropped.fetch_add(lines as u64, Ordering::Relaxed);
+            if broken && write_out(&mut out, b"\n").is_empty() {
+                broken = false;
+            }
+            let unwritten = write_out(&mut out, &batch);
+            let written = batch.len() - unwritten.len();
+            if written > 0 {
+                broken = batch[written - 1] != b'\n';
+            }
+            if !unwritten.is_empty() {
+                // A closed stderr: the lines not written are lost, and counted as dropped.
+                let lost = unwritten.iter().filter(|&&b| b == b'\n').count();
+                self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
             }
             batch.clear();
             // A burst's buffer is not kept for good.
-            batch.shrink_to(self.write_buffer.max(4096));
+            if batch.capacity() > 4 * self.write_buffer.max(4096) {
+                batch.shrink_to(self.write_buffer.max(4096));
+            }
             self.queue().writing = 0;
+            self.written.notify_all();
         }
     }
+
+    /// Ends the gathering and waits, at most `timeout`, until what is queued has been written.
+    fn flush(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        let mut q = self.queue();
+        if q.queued > 0 {
+            q.urgent = true;
+            self.wake.notify_one();
+        }
+        while (q.queued + q.writing) > 0 && !q.done {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            q = self
+                .written
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Writes `bytes` to `out` as far as it takes them; returns what it did not take.
+fn write_out<'a, W: Write>(out: &mut W, bytes: &'a [u8]) -> &'a [u8] {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match out.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = out.flush();
+    rest
 }
 
 /// A `tracing_subscriber` writer that queues each line for a thread writing them to stderr.
@@ -159,6 +226,18 @@ impl LogWriter {
     pub fn dropped_lines(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
+
+    /// Whether the writer thread has ended.
+    #[cfg(test)]
+    fn ended(&self) -> bool {
+        self.shared.queue().done
+    }
+
+    /// Whether the writer thread is gathering lines.
+    #[cfg(test)]
+    fn gathering(&self) -> bool {
+        self.shared.queue().gathering
+    }
 }
 
 /// Writes out the lines still held when dropped (waiting up to a second for stderr), and ends
@@ -180,7 +259,7 @@ impl Drop for LogGuard {
             }
             q = self
                 .shared
-                .ended
+                .written
                 .wait_timeout(q, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -202,11 +281,13 @@ fn writer<W: Write + Send + 'static>(
             bytes: Vec::new(),
             queued: 0,
             writing: 0,
+            urgent: false,
+            gathering: false,
             closed: false,
             done: false,
         }),
         wake: Condvar::new(),
-        ended: Condvar::new(),
+        written: Condvar::new(),
         dropped: AtomicU64::new(0),
         limit,
         write_buffer,
@@ -228,6 +309,14 @@ pub fn stderr() -> std::io::Result<(LogWriter, LogGuard)> {
     let (writer, guard) = writer(std::io::stderr(), BUFFERED_LINES, WRITE_BUFFER, GATHER)?;
     let _ = STDERR.set(writer.shared.clone());
     Ok((writer, guard))
+}
+
+/// Has the process's stderr writer write out what is queued now, waiting at most `timeout`: for
+/// a line that must not wait for the gathering, such as a panic's before the process aborts.
+pub fn flush_stderr(timeout: Duration) {
+    if let Some(shared) = STDERR.get() {
+        shared.flush(timeout);
+    }
 }
 
 /// Lines the process's stderr writer dropped so far (0 when logging does not go through it, as
@@ -334,11 +423,14 @@ mod tests {
         // are dropped, all counted.
         assert_eq!(writer.dropped_lines(), 184);
         out.open();
-        wait_for("the lines kept", || out.lines() >= 16);
-        drop(guard);
-        assert_eq!(out.lines(), 16, "every line kept is written out, once");
-        // Lines held again take the room of those written.
+        wait_for("the lines kept", || out.lines() == 16);
+        // Lines written make room again: 16 more are all kept.
+        log_lines(writer.clone(), 16);
+        wait_for("the next lines", || out.lines() == 32);
         assert_eq!(writer.dropped_lines(), 184);
+        drop(guard);
+        wait_for("the writer thread to end", || writer.ended());
+        assert_eq!(out.lines(), 32, "every line kept is written out, once");
     }
 
     #[test]
@@ -348,25 +440,47 @@ mod tests {
         let (writer, guard) = writer(out.clone(), 1000, 1 << 20, Duration::from_secs(60)).unwrap();
         log_lines(writer.clone(), 100);
         assert_eq!(out.lines(), 0, "the writer thread gathers");
-        let dropping = Instant::now();
         drop(guard);
-        assert!(
-            dropping.elapsed() < Duration::from_secs(30),
-            "the guard ends the gathering"
-        );
+        wait_for("the writer thread to end", || writer.ended());
         assert_eq!((out.lines(), out.writes()), (100, 1));
         assert_eq!(writer.dropped_lines(), 0);
     }
 
     #[test]
     fn a_full_write_buffer_ends_the_gathering() {
+        // How long one line is.
+        let probe = Stuck::opened();
+        let (writer_, guard) = writer(probe.clone(), 10, 0, Duration::ZERO).unwrap();
+        log_lines(writer_, 1);
+        drop(guard);
+        let line = probe.written.lock().unwrap().0.len();
+        assert!(line > 20, "a line of {line} bytes");
+        // A buffer of one and a half lines: the first line starts a minute of gathering, the
+        // second fills the buffer and ends it.
         let out = Stuck::opened();
-        // Each line is longer than the 50-byte buffer: none waits out the minute of gathering.
-        let (writer, guard) = writer(out.clone(), 1000, 50, Duration::from_secs(60)).unwrap();
-        log_lines(writer.clone(), 3);
-        wait_for("three lines", || out.lines() == 3);
+        let (writer, guard) =
+            writer(out.clone(), 1000, line + line / 2, Duration::from_secs(60)).unwrap();
+        log_lines(writer.clone(), 1);
+        wait_for("the gathering", || writer.gathering());
+        log_lines(writer.clone(), 1);
+        wait_for("two lines", || out.lines() == 2);
+        assert_eq!(out.writes(), 1, "both lines in one write");
         drop(guard);
         assert_eq!(writer.dropped_lines(), 0);
+    }
+
+    #[test]
+    fn a_flush_writes_out_what_is_queued_without_waiting_for_the_gathering() {
+        let out = Stuck::opened();
+        let (writer, _guard) = writer(out.clone(), 1000, 1 << 20, Duration::from_secs(60)).unwrap();
+        log_lines(writer.clone(), 5);
+        assert_eq!(out.lines(), 0, "the writer thread gathers");
+        writer.shared.flush(Duration::from_secs(10));
+        assert_eq!(out.lines(), 5, "written when the flush returns");
+        // The gathering goes on for the lines after.
+        log_lines(writer.clone(), 5);
+        assert_eq!(out.lines(), 5);
+        assert!(!writer.ended());
     }
 
     #[test]
@@ -374,6 +488,103 @@ mod tests {
         let (writer, guard) = writer(Closed, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
         log_lines(writer.clone(), 50);
         drop(guard);
+        wait_for("the writer thread to end", || writer.ended());
         assert_eq!(writer.dropped_lines(), 50);
+    }
+
+    /// A stderr that takes `room` bytes, then fails.
+    struct Short {
+        room: usize,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Short {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_counts_only_the_lines_not_written() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let out = Short {
+            room: 1000,
+            written: written.clone(),
+        };
+        let (writer, guard) = writer(out, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
+        log_lines(writer.clone(), 50);
+        drop(guard);
+        wait_for("the writer thread to end", || writer.ended());
+        let written = written.lock().unwrap();
+        assert_eq!(written.len(), 1000);
+        let whole = written.iter().filter(|&&b| b == b'\n').count();
+        assert!((1..50).contains(&whole), "{whole} whole lines written");
+        // The line cut short is counted with those not written at all.
+        assert_eq!(writer.dropped_lines(), 50 - whole as u64);
+    }
+
+    /// A stderr that takes `room` bytes, fails once, then takes everything.
+    struct Hiccup {
+        room: Option<usize>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Hiccup {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = match self.room {
+                Some(0) => {
+                    self.room = None;
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Some(room) => {
+                    let n = buf.len().min(room);
+                    self.room = Some(room - n);
+                    n
+                }
+                None => buf.len(),
+            };
+            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_a_line_cut_short_the_next_line_starts_on_a_line_of_its_own() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let out = Hiccup {
+            room: Some(30),
+            written: written.clone(),
+        };
+        let (writer, _guard) = writer(out, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
+        log_lines(writer.clone(), 3);
+        writer.shared.flush(Duration::from_secs(10));
+        assert_eq!(
+            writer.dropped_lines(),
+            3,
+            "the line cut short and the two after it"
+        );
+        log_lines(writer.clone(), 1);
+        writer.shared.flush(Duration::from_secs(10));
+        let written = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 2, "{written:?}");
+        assert_eq!(lines[0].len(), 30, "the line cut short: {written:?}");
+        assert!(
+            lines[1].ends_with("attempt i=0"),
+            "a whole line: {written:?}"
+        );
+        assert_eq!(writer.dropped_lines(), 3);
     }
 }
