@@ -179,6 +179,8 @@ impl Intake {
         };
         let now = now_ms();
         let mut held = Vec::new();
+        // For each new event, the indexes of its held deliveries (see `Store::accept`).
+        let mut held_at: Vec<Vec<usize>> = Vec::with_capacity(events.len());
         let mut items = Vec::with_capacity(events.len());
         let mut receipts = Vec::with_capacity(events.len());
         let mut touched: Vec<Uuid> = Vec::new();
@@ -213,11 +215,15 @@ impl Intake {
                 let event_id = store::new_event_id();
                 let subs = self.registry.matching(event);
                 let name = event.name.to_string();
+                // Its deliveries to disabled subscriptions, by this event's own snapshot of them
+                // (none for most events: no allocation).
+                let mut held_here = Vec::new();
                 for (i, s) in subs.iter().enumerate() {
                     if !touched.contains(&s.id) {
                         touched.push(s.id);
                     }
                     if !s.enabled {
+                        held_here.push(i);
                         let d = Delivery {
                             id: store::delivery_id(&event_id, i),
                             event_id,
@@ -255,13 +261,11 @@ impl Intake {
                     event: event.stored(),
                     subscriptions: subs.iter().map(|s| s.id).collect(),
                 });
+                held_at.push(held_here);
                 primes.push((event_id, event, subs));
             }
             // Queued under the gate: a subscription deleted after this is cleaned up after it.
-            let mut held_subs: Vec<Uuid> = held.iter().map(|(_, s)| s.id).collect();
-            held_subs.sort_unstable();
-            held_subs.dedup();
-            self.store.accept(&items, &keys, &held_subs)?
+            self.store.accept(&items, &keys, &held_at)?
         };
         for ((id, event, subs), item) in primes.iter().zip(&items) {
             self.engine
@@ -310,5 +314,58 @@ impl Emitter {
             .intake
             .parse_body(serde_json::json!({ "events": events }))?;
         self.intake.accept(events).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::subscription::SubscriptionInput;
+    use serde_json::json;
+
+    /// Intake tells the store which of each event's deliveries are held, by that event's own
+    /// snapshot of its subscriptions: those get their due entries in sled with the event, the
+    /// others wait in memory for their first attempt.
+    #[tokio::test]
+    async fn deliveries_to_a_disabled_subscription_are_written_to_the_due_index_at_intake() {
+        let dir = tempfile::tempdir().unwrap();
+        // A receiver that never answers (connections wait in its backlog): the live deliveries
+        // stay in flight, with no outcome and no retry's due entry, while the test looks.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", silent.local_addr().unwrap());
+        let toml = format!(
+            "[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\ntimeout = \"60s\"\n",
+            dir.path().join("db.sled").display().to_string()
+        );
+        let dispatcher = crate::Dispatcher::start(Config::from_toml_str(&toml, &[]).unwrap())
+            .await
+            .unwrap();
+        let app = dispatcher.app.clone();
+        let subscribe = |enabled: bool| SubscriptionInput {
+            url: Some(url.clone()),
+            events: Some(vec!["add_lead".into()]),
+            enabled: Some(enabled),
+            ..Default::default()
+        };
+        let held = app.registry.create(subscribe(false)).await.unwrap();
+        let live = app.registry.create(subscribe(true)).await.unwrap();
+        let receipts = dispatcher
+            .emitter()
+            .emit_batch(vec![
+                json!({"event": "add_lead", "data": {"id": 1}}),
+                json!({"event": "add_lead", "data": {"id": 2}}),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(receipts.iter().map(|r| r.deliveries).sum::<usize>(), 4);
+        let in_sled = app.store.due_in_sled();
+        let to = |sub: uuid::Uuid| in_sled.iter().filter(|(s, _, _)| *s == sub).count();
+        assert_eq!(
+            to(held.id),
+            2,
+            "the held deliveries, in sled at once: {in_sled:?}"
+        );
+        assert_eq!(to(live.id), 0, "the others wait in memory: {in_sled:?}");
+        dispatcher.shutdown().await;
     }
 }

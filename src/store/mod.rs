@@ -651,9 +651,10 @@ impl Store {
     // ---- intake ----
 
     /// Writes events in one atomic batch (not yet flushed); their deliveries are due at once,
-    /// and kept in memory until their first attempt (see `fresh`), but for those to the `held`
-    /// subscriptions (disabled ones), which get their due entries in sled in the same batch: a
-    /// held delivery waits for its subscription, which may be long, and in memory it would take
+    /// and kept in memory until their first attempt (see `fresh`), but for the held ones
+    /// (`held[n]`: the indexes, ascending, of event `n`'s deliveries to disabled subscriptions;
+    /// none for an event beyond `held`), which get their due entries in sled in the same batch:
+    /// a held delivery waits for its subscription, which may be long, and in memory it would take
     /// the room of deliveries that go out. Events sent with an idempotency key record their
     /// receipt under it in the same batch. Delivery `i` of an event goes to its `i`-th
     /// subscription (see [`delivery_id`]).
@@ -664,7 +665,7 @@ impl Store {
         &self,
         events: &[StoredEvent<E>],
         keys: &[(String, IdempotencyRecord)],
-        held: &[Uuid],
+        held: &[Vec<usize>],
     ) -> Result<Durable, StoreError> {
         let mut writes: Vec<KeyWrite> = Vec::with_capacity(keys.len() + events.len());
         for (k, record) in keys {
@@ -674,11 +675,17 @@ impl Store {
             ));
         }
         let mut new = Vec::with_capacity(events.len());
-        for event in events {
+        for (n, event) in events.iter().enumerate() {
             writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
-            let held = (0..event.subscriptions.len())
-                .filter(|i| held.contains(&event.subscriptions[*i]))
-                .collect();
+            let held: Vec<usize> = held
+                .get(n)
+                .map(|h| {
+                    h.iter()
+                        .copied()
+                        .filter(|&i| i < event.subscriptions.len())
+                        .collect()
+                })
+                .unwrap_or_default();
             new.push((
                 event.id,
                 event.received_at,
@@ -910,6 +917,20 @@ impl Store {
     /// Whether an attempt of the delivery is under way.
     pub fn is_in_flight(&self, delivery: &Uuid) -> bool {
         self.claimed_set().held.contains(delivery)
+    }
+
+    /// The due entries in sled (not those waiting in memory): subscription, due time, delivery.
+    #[cfg(test)]
+    pub(crate) fn due_in_sled(&self) -> Vec<(Uuid, u64, Uuid)> {
+        self.tree
+            .scan_prefix([DUE])
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                let ms = u64::from_be_bytes(k[17..25].try_into().unwrap());
+                (uuid_at(&k, 1), ms, uuid_at(&k, 25))
+            })
+            .collect()
     }
 
     fn claimed_set(&self) -> std::sync::MutexGuard<'_, Claims> {
@@ -2014,16 +2035,7 @@ mod tests {
 
     /// The due entries in sled, as (subscription, due time, delivery).
     fn due_in_sled(store: &Store) -> Vec<(Uuid, u64, Uuid)> {
-        store
-            .tree
-            .scan_prefix([DUE])
-            .keys()
-            .map(|k| {
-                let k = k.unwrap();
-                let ms = u64::from_be_bytes(k[17..25].try_into().unwrap());
-                (uuid_at(&k, 1), ms, uuid_at(&k, 25))
-            })
-            .collect()
+        store.due_in_sled()
     }
 
     /// Records a delivery delivered at `at` by the attempt its due entry at `due_ms` claimed.
@@ -2231,7 +2243,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let events: Vec<StoredEvent> = (0..3).map(|_| event(&[held], now_ms())).collect();
         store
-            .accept(&events, &[], &[held])
+            .accept(&events, &[], &[vec![0], vec![0], vec![0]])
             .unwrap()
             .wait()
             .await
@@ -2262,7 +2274,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store
-                .accept(&events, &[], &[held])
+                .accept(&events, &[], &[vec![1], vec![0], vec![0]])
                 .unwrap()
                 .wait()
                 .await
