@@ -652,8 +652,8 @@ impl Store {
 
     /// Writes events in one atomic batch (not yet flushed); their deliveries are due at once,
     /// and kept in memory until their first attempt (see `fresh`), but for the held ones
-    /// (`held[n]`: the indexes, ascending, of event `n`'s deliveries to disabled subscriptions;
-    /// none for an event beyond `held`), which get their due entries in sled in the same batch:
+    /// (`held[n]`: the indexes of event `n`'s deliveries to disabled subscriptions; none for an
+    /// event beyond `held`), which get their due entries in sled in the same batch:
     /// a held delivery waits for its subscription, which may be long, and in memory it would take
     /// the room of deliveries that go out. Events sent with an idempotency key record their
     /// receipt under it in the same batch. Delivery `i` of an event goes to its `i`-th
@@ -677,7 +677,8 @@ impl Store {
         let mut new = Vec::with_capacity(events.len());
         for (n, event) in events.iter().enumerate() {
             writes.push((key(EVENT, &event.id).to_vec(), Some(encode_event(event)?)));
-            let held: Vec<usize> = held
+            // Ascending, once each, and within the event: the writer searches them.
+            let mut held: Vec<usize> = held
                 .get(n)
                 .map(|h| {
                     h.iter()
@@ -686,6 +687,8 @@ impl Store {
                         .collect()
                 })
                 .unwrap_or_default();
+            held.sort_unstable();
+            held.dedup();
             new.push((
                 event.id,
                 event.received_at,
