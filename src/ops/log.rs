@@ -267,9 +267,9 @@ impl Drop for LogGuard {
     }
 }
 
-/// A writer for `tracing_subscriber` that queues lines for a thread writing them to `out` in
-/// writes of up to `write_buffer` bytes (or what came within `gather`), holding up to `limit`
-/// lines and dropping (and counting) any beyond.
+/// A writer for `tracing_subscriber` that queues lines for a thread writing them to `out`, one
+/// write a batch (what came within `gather` of its first line, or until `write_buffer` bytes
+/// queued), holding up to `limit` lines and dropping (and counting) any beyond.
 fn writer<W: Write + Send + 'static>(
     out: W,
     limit: usize,
