@@ -376,18 +376,6 @@ mod tests {
         }
     }
 
-    /// A stderr whose reader went away.
-    struct Closed;
-
-    impl Write for Closed {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::ErrorKind::BrokenPipe.into())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Logs `n` lines through `writer`.
     fn log_lines(writer: LogWriter, n: usize) {
         let subscriber = tracing_subscriber::registry().with(
@@ -485,65 +473,42 @@ mod tests {
 
     #[test]
     fn lines_lost_to_a_closed_stderr_are_counted_as_dropped() {
-        let (writer, guard) = writer(Closed, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
+        // A stderr whose reader went away.
+        let (closed, _) = Cut::new(0, false);
+        let (writer, guard) = writer(closed, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
         log_lines(writer.clone(), 50);
         drop(guard);
         wait_for("the writer thread to end", || writer.ended());
         assert_eq!(writer.dropped_lines(), 50);
     }
 
-    /// A stderr that takes `room` bytes, then fails.
-    struct Short {
-        room: usize,
-        written: Arc<Mutex<Vec<u8>>>,
-    }
-
-    impl Write for Short {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if self.room == 0 {
-                return Err(std::io::ErrorKind::BrokenPipe.into());
-            }
-            let n = buf.len().min(self.room);
-            self.room -= n;
-            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_write_that_fails_part_way_counts_only_the_lines_not_written() {
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let out = Short {
-            room: 1000,
-            written: written.clone(),
-        };
-        let (writer, guard) = writer(out, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
-        log_lines(writer.clone(), 50);
-        drop(guard);
-        wait_for("the writer thread to end", || writer.ended());
-        let written = written.lock().unwrap();
-        assert_eq!(written.len(), 1000);
-        let whole = written.iter().filter(|&&b| b == b'\n').count();
-        assert!((1..50).contains(&whole), "{whole} whole lines written");
-        // The line cut short is counted with those not written at all.
-        assert_eq!(writer.dropped_lines(), 50 - whole as u64);
-    }
-
-    /// A stderr that takes `room` bytes, fails once, then takes everything.
-    struct Hiccup {
+    /// A stderr that takes `room` bytes, then fails: for good, or once when `recovers`.
+    struct Cut {
         room: Option<usize>,
+        recovers: bool,
         written: Arc<Mutex<Vec<u8>>>,
     }
 
-    impl Write for Hiccup {
+    impl Cut {
+        fn new(room: usize, recovers: bool) -> (Cut, Arc<Mutex<Vec<u8>>>) {
+            let written = Arc::new(Mutex::new(Vec::new()));
+            let cut = Cut {
+                room: Some(room),
+                recovers,
+                written: written.clone(),
+            };
+            (cut, written)
+        }
+    }
+
+    impl Write for Cut {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             let n = match self.room {
                 Some(0) => {
-                    self.room = None;
-                    return Err(std::io::ErrorKind::WouldBlock.into());
+                    if self.recovers {
+                        self.room = None;
+                    }
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
                 }
                 Some(room) => {
                     let n = buf.len().min(room);
@@ -561,12 +526,23 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_fails_part_way_counts_only_the_lines_not_written() {
+        let (out, written) = Cut::new(1000, false);
+        let (writer, guard) = writer(out, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
+        log_lines(writer.clone(), 50);
+        drop(guard);
+        wait_for("the writer thread to end", || writer.ended());
+        let written = written.lock().unwrap();
+        assert_eq!(written.len(), 1000);
+        let whole = written.iter().filter(|&&b| b == b'\n').count();
+        assert!((1..50).contains(&whole), "{whole} whole lines written");
+        // The line cut short is counted with those not written at all.
+        assert_eq!(writer.dropped_lines(), 50 - whole as u64);
+    }
+
+    #[test]
     fn after_a_line_cut_short_the_next_line_starts_on_a_line_of_its_own() {
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let out = Hiccup {
-            room: Some(30),
-            written: written.clone(),
-        };
+        let (out, written) = Cut::new(30, true);
         let (writer, _guard) = writer(out, 1000, 1 << 20, Duration::from_secs(60)).unwrap();
         log_lines(writer.clone(), 3);
         writer.shared.flush(Duration::from_secs(10));

@@ -2011,8 +2011,14 @@ mod tests {
 
     /// Takes events in and waits until they are flushed.
     async fn accept_now(store: &Store, events: &[StoredEvent]) {
+        accept_held(store, events, &[]).await;
+    }
+
+    /// Takes events in, with the indexes of each one's held deliveries, and waits until they are
+    /// flushed.
+    async fn accept_held(store: &Store, events: &[StoredEvent], held: &[Vec<usize>]) {
         store
-            .accept(events, &[], &[])
+            .accept(events, &[], held)
             .unwrap()
             .wait()
             .await
@@ -2245,12 +2251,7 @@ mod tests {
         let held = Uuid::now_v7();
         let store = Store::open(dir.path()).unwrap();
         let events: Vec<StoredEvent> = (0..3).map(|_| event(&[held], now_ms())).collect();
-        store
-            .accept(&events, &[], &[vec![0], vec![0], vec![0]])
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        accept_held(&store, &events, &[vec![0], vec![0], vec![0]]).await;
         store.flush().await.unwrap();
         // Nothing of them is in memory: a restart need not read them again.
         let newest = events.iter().map(|e| e.id).max().unwrap();
@@ -2276,12 +2277,7 @@ mod tests {
         in_sled.sort();
         {
             let store = Store::open(dir.path()).unwrap();
-            store
-                .accept(&events, &[], &[vec![1], vec![0], vec![0]])
-                .unwrap()
-                .wait()
-                .await
-                .unwrap();
+            accept_held(&store, &events, &[vec![1], vec![0], vec![0]]).await;
             // The held ones are in sled, written with the events; the others wait in memory.
             assert_eq!(due_in_sled(&store), in_sled);
             assert_eq!(store.claimed_set().fresh.len(), 2);
