@@ -161,7 +161,7 @@ async fn report_dropped_log_lines() {
             tracing::warn!(
                 dropped = dropped - reported,
                 total = dropped,
-                "log lines dropped: stderr was not read as fast as they came (the delivery log and `dispatcher tail` have every attempt)"
+                "log lines dropped: stderr did not take them as fast as they came, or refused them (the delivery log and `dispatcher tail` have every attempt)"
             );
             // Had this warning been dropped too, the next one counts from the same point.
             if webhook_dispatcher::ops::log::dropped_lines() == dropped {
