@@ -704,6 +704,7 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
         );
         ctx.patch_sub(&base, &sub, json!({"url": ctx.sink.url("/e2e-half")}))
             .await?;
+        let steal0 = stats::cpu_totals();
         let run2 = load::paced(
             &format!("{base}/v1/events"),
             rate,
@@ -715,6 +716,7 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
             &event_body("add_lead"),
         )
         .await?;
+        let steal2 = steal_since(steal0);
         let acc2 = run2.count(202) as u64;
         let complete2 = wait_until(ctx.sizes.deliver_wait, || {
             rec2.count_first.load(Ordering::SeqCst) >= acc2
@@ -758,6 +760,7 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
             "intake request start → arrival at the sink, at half the peak",
             pct_ns(d2.latencies.clone()),
         );
+        steal_fig(&mut o, "steal_half", "the half-peak run", steal2);
         if !complete2 {
             o.values.remove("intake_half");
         }
@@ -781,6 +784,27 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
     ctx.sink.remove("/e2e");
     drop(inst);
     Ok(o)
+}
+
+/// Steal since `from` (a [`stats::cpu_totals`] reading), s.
+fn steal_since(from: Option<stats::CpuTotals>) -> Option<f64> {
+    Some(stats::cpu_totals()?.steal_s - from?.steal_s)
+}
+
+/// The steal during a paced run, beside its latencies: while the hypervisor has stopped one of
+/// this machine's virtual CPUs (for milliseconds at a time), the work queued on it waits, so a
+/// run's p99 is read together with it (see README, Performance).
+fn steal_fig(o: &mut Outcome, key: &'static str, run: &str, steal: Option<f64>) {
+    if let Some(s) = steal {
+        o.fig(
+            key,
+            format!(
+                "steal during {run} (the host ran something else while this machine wanted to), s"
+            ),
+            s,
+            format!("{s:.2}"),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,6 +841,7 @@ async fn paced(ctx: &Ctx) -> Result<Outcome> {
     .await?;
     ctx.log(format!("paced: {n} events at {rate:.0}/s"));
     let p0 = inst.daemon.stat();
+    let steal0 = stats::cpu_totals();
     let run = load::paced(
         &format!("{base}/v1/events"),
         rate,
@@ -828,6 +853,7 @@ async fn paced(ctx: &Ctx) -> Result<Outcome> {
         &event_body("add_lead"),
     )
     .await?;
+    let steal = steal_since(steal0);
     let accepted = run.count(202) as u64;
     let complete = wait_until(ctx.sizes.deliver_wait, || {
         rec.count_first.load(Ordering::SeqCst) >= WARM as u64 + accepted
@@ -861,6 +887,7 @@ async fn paced(ctx: &Ctx) -> Result<Outcome> {
         "intake request start → arrival at the sink",
         pct_ns(d.latencies.clone()),
     );
+    steal_fig(&mut o, "steal", "the paced run", steal);
     o.pct(
         "intake",
         "intake request latency (start → 202 read)",
