@@ -55,8 +55,58 @@ pub struct Intake {
     max_batch: usize,
     closed: AtomicBool,
     metrics: Arc<Metrics>,
-    idempotency: std::sync::Mutex<()>,
+    idempotency: std::sync::Mutex<PendingKeys>,
     max_event: usize,
+}
+
+/// Idempotency keys whose records intake has queued for the writer and not yet seen written.
+/// A record is in sled once the writer has applied it, a moment after intake queued it; a request
+/// with the same key in that moment finds it here instead (SPEC §4: accepted once).
+struct PendingKeys {
+    records: std::collections::HashMap<String, (IdempotencyRecord, std::time::Instant)>,
+    purged: std::time::Instant,
+}
+
+impl PendingKeys {
+    /// Kept this long at most: a request that stopped waiting (its client went away) leaves its
+    /// keys behind, and the writer applies what was queued well within this.
+    const KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn new() -> PendingKeys {
+        PendingKeys {
+            records: std::collections::HashMap::new(),
+            purged: std::time::Instant::now(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<IdempotencyRecord> {
+        self.records.get(key).map(|(r, _)| *r)
+    }
+
+    fn insert(&mut self, keys: &[(String, IdempotencyRecord)]) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.purged) >= Self::KEEP {
+            self.records
+                .retain(|_, (_, at)| now.duration_since(*at) < Self::KEEP);
+            self.purged = now;
+        }
+        for (k, r) in keys {
+            self.records.insert(k.clone(), (*r, now));
+        }
+    }
+
+    /// Forgets `keys` once their records are written (or failed to be): sled answers for them.
+    fn remove(&mut self, keys: &[(String, IdempotencyRecord)]) {
+        for (k, r) in keys {
+            if self
+                .records
+                .get(k)
+                .is_some_and(|(p, _)| p.event_id == r.event_id)
+            {
+                self.records.remove(k);
+            }
+        }
+    }
 }
 
 /// How long an event's idempotency key is remembered (SPEC §4).
@@ -94,7 +144,7 @@ impl Intake {
             max_batch,
             closed: AtomicBool::new(false),
             metrics,
-            idempotency: std::sync::Mutex::new(()),
+            idempotency: std::sync::Mutex::new(PendingKeys::new()),
             max_event,
         }
     }
@@ -187,22 +237,25 @@ impl Intake {
         // What to encode while the flush is under way: each new event and where it goes.
         let mut primes = Vec::with_capacity(events.len());
         let mut created = 0usize;
+        let mut keys: Vec<(String, IdempotencyRecord)> = Vec::new();
         let durable = {
             let _gate = self.registry.intake_gate().await;
             // Events with an idempotency key check and record it under one lock, so that two
             // requests with the same key cannot both create deliveries.
-            let _keys = events
+            let mut pending = events
                 .iter()
                 .any(|e| e.client_id.is_some())
                 .then(|| self.idempotency.lock().expect("idempotency lock poisoned"));
-            let mut keys: Vec<(String, IdempotencyRecord)> = Vec::new();
             for event in &events {
                 if let Some(k) = &event.client_id {
                     let earlier = match keys.iter().find(|(seen, _)| seen == k) {
                         Some((_, rec)) => Some(*rec),
-                        None => self.store.idempotency(k)?.filter(|r| {
-                            now.saturating_sub(r.at) < IDEMPOTENCY_WINDOW.as_millis() as u64
-                        }),
+                        None => match pending.as_ref().and_then(|p| p.get(k)) {
+                            Some(rec) => Some(rec),
+                            None => self.store.idempotency(k)?.filter(|r| {
+                                now.saturating_sub(r.at) < IDEMPOTENCY_WINDOW.as_millis() as u64
+                            }),
+                        },
                     };
                     if let Some(rec) = earlier {
                         receipts.push(Receipt {
@@ -265,14 +318,25 @@ impl Intake {
                 primes.push((event_id, event, subs));
             }
             // Queued under the gate: a subscription deleted after this is cleaned up after it.
-            self.store.accept(&items, &keys, &held_at)?
+            let durable = self.store.accept(&items, &keys, &held_at)?;
+            if let Some(pending) = pending.as_mut() {
+                pending.insert(&keys);
+            }
+            durable
         };
         for ((id, event, subs), item) in primes.iter().zip(&items) {
             self.engine
                 .prime(*id, &Arc::from(item.name.as_str()), event, subs);
         }
         // Also when every event was a repeat: the first request may not be flushed yet.
-        durable.wait().await?;
+        let written = durable.wait().await;
+        if !keys.is_empty() {
+            self.idempotency
+                .lock()
+                .expect("idempotency lock poisoned")
+                .remove(&keys);
+        }
+        written?;
         self.metrics.events_accepted(items.len(), created);
         for id in &touched {
             self.engine.wake(id);
@@ -393,6 +457,47 @@ mod tests {
         );
         // Closing the receiver fails the live attempts at once: shutdown need not wait them out.
         drop(silent);
+        dispatcher.shutdown().await;
+    }
+
+    /// Requests that carry the same idempotency key at the same time make one event: the ones
+    /// that find the first's record not yet written (the writer applies it after intake queued
+    /// it) answer with its receipt, as a repeat after it does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_with_one_idempotency_key_make_one_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[storage]\npath = {:?}\n",
+            dir.path().join("db.sled").display().to_string()
+        );
+        let dispatcher = crate::Dispatcher::start(Config::from_toml_str(&toml, &[]).unwrap())
+            .await
+            .unwrap();
+        let emitter = dispatcher.emitter();
+        for round in 0..5 {
+            let key = format!("k{round}");
+            let sends = (0..20).map(|i| {
+                let emitter = emitter.clone();
+                let event = json!({"event": "add_lead", "data": {"id": i}, "id": key});
+                tokio::spawn(async move { emitter.emit(event).await.unwrap() })
+            });
+            let mut ids = Vec::new();
+            for send in sends.collect::<Vec<_>>() {
+                ids.push(send.await.unwrap().id);
+            }
+            ids.sort();
+            ids.dedup();
+            assert_eq!(
+                ids.len(),
+                1,
+                "round {round}: one event for the key, got {ids:?}"
+            );
+            let repeat = emitter
+                .emit(json!({"event": "add_lead", "data": {"id": 0}, "id": key}))
+                .await
+                .unwrap();
+            assert_eq!(repeat.id, ids[0], "round {round}: a later repeat");
+        }
         dispatcher.shutdown().await;
     }
 }
