@@ -161,7 +161,9 @@ impl Dispatcher {
     }
 
     /// Serves the API on `listener` until `signal` completes, then shuts down gracefully: intake
-    /// answers 503 at once, attempts in flight get up to 10 s, storage is flushed.
+    /// answers 503 at once, attempts in flight get up to 10 s, storage is flushed. The API keeps
+    /// answering meanwhile (intake with 503 and `Retry-After`, on new connections and kept-alive
+    /// ones alike), and stops once the attempts are done.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
@@ -176,8 +178,8 @@ impl Dispatcher {
         signal.await;
         tracing::info!("shutting down: intake closed, finishing attempts in flight");
         intake.close();
-        let _ = stop_tx.send(());
         self.shutdown().await;
+        let _ = stop_tx.send(());
         // Connections still open (a client holding keep-alive) do not hold the exit.
         let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
         Ok(())

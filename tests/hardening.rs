@@ -351,3 +351,72 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// SIGTERM while an attempt is in flight: until it is done the daemon still answers, intake with
+/// 503 and `Retry-After` (SPEC §6: "intake answers 503 at once"), on a new connection and on one
+/// kept alive from before the signal; then it exits 0, the attempt delivered.
+#[tokio::test]
+async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::binary_config(dir.path(), "");
+    let rx = Receiver::slow(200, Duration::from_secs(3)).await;
+    let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
+    let kept = reqwest::Client::new();
+    let r = kept
+        .post(format!("{base}/v1/subscriptions"))
+        .body(json!({"url": rx.url("/"), "events": ["add_lead"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let event = json!({"event": "add_lead", "data": {"id": 1}}).to_string();
+    let r = kept
+        .post(format!("{base}/v1/events"))
+        .body(event.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    rx.wait_requests(1, WAIT).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+
+    // A new connection each time, until intake is closed (a 202 before that is a fair answer).
+    let refused = wait_for_async("intake to answer 503", WAIT, || async {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/events"))
+            .body(event.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("intake after SIGTERM on a new connection: {e}"));
+        match r.status().as_u16() {
+            202 => None,
+            503 => Some(r),
+            other => panic!("intake after SIGTERM answered {other}"),
+        }
+    })
+    .await;
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+    let r = kept
+        .post(format!("{base}/v1/events"))
+        .body(event.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("intake after SIGTERM on the kept-alive connection: {e}"));
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon exited with the attempt still in flight"
+    );
+
+    let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
+    assert!(status.success(), "exit status {status}");
+}
