@@ -363,6 +363,45 @@ fn environment_overrides() {
     assert!(run.stdout.contains("127.0.0.1:8080"), "{run}");
 }
 
+/// Storage another daemon holds, or a path that cannot be made: the message names the storage
+/// and the cause once, in words (sled's text repeated it in debug form).
+#[test]
+fn serve_names_storage_it_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::binary_config(dir.path(), "");
+    let (_running, _) = common::start_binary(&first, Stdio::null());
+    // The same storage, another port.
+    let mut cmd = dispatcher(dir.path());
+    cmd.args(["serve", "--config"]).arg(&first);
+    let held = run(cmd, dir.path());
+    assert_eq!(held.code(), Some(1), "{held}");
+    let db = dir.path().join("db.sled").display().to_string();
+    assert!(
+        held.stderr.contains(&format!(
+            "cannot open storage at {db}: another process has it open"
+        )),
+        "{held}"
+    );
+    assert_eq!(held.stderr.matches("lock").count(), 0, "{held}");
+    assert!(!held.stdout.contains("listening on"), "it listened: {held}");
+    held.assert_no_panic();
+
+    let config = write(
+        dir.path(),
+        "nowhere.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"/proc/nope/db.sled\"\n",
+    );
+    let mut cmd = dispatcher(dir.path());
+    cmd.args(["serve", "--config"]).arg(&config);
+    let nowhere = run(cmd, dir.path());
+    assert_eq!(nowhere.code(), Some(1), "{nowhere}");
+    assert_eq!(
+        nowhere.stderr.trim(),
+        "dispatcher: cannot open storage at /proc/nope/db.sled: No such file or directory (os error 2)",
+        "{nowhere}"
+    );
+}
+
 #[test]
 fn serve_refuses_a_public_listen_address_without_tokens() {
     let dir = tempfile::tempdir().unwrap();

@@ -159,8 +159,9 @@ pub enum StoreError {
     TooManyDeliveries(usize),
     #[error("storage writer has stopped")]
     WriterGone,
-    #[error("cannot open storage at {path}: {source}")]
-    Open { path: String, source: sled::Error },
+    /// `reason` says what went wrong in words (sled's own text of an I/O error is its debug form).
+    #[error("cannot open storage at {path}: {reason}")]
+    Open { path: String, reason: String },
 }
 
 /// A key to insert (with its value) or remove.
@@ -496,10 +497,10 @@ impl Store {
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(source) => {
+                Err(e) => {
                     return Err(StoreError::Open {
                         path: path.display().to_string(),
-                        source,
+                        reason: open_failure(&e),
                     });
                 }
             }
@@ -1322,6 +1323,19 @@ impl Durable {
 }
 
 /// A sled error the writer met, as its message (the writer answers many with one error).
+/// Why the database did not open, in words: sled's text of an I/O error repeats the error in
+/// its debug form.
+fn open_failure(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            "another process has it open (another dispatcher on the same storage.path?); tried for 5 s"
+                .into()
+        }
+        sled::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
 fn writer_error(msg: &str) -> StoreError {
     StoreError::Sled(sled::Error::Io(std::io::Error::other(msg.to_string())))
 }
