@@ -34,6 +34,8 @@ pub enum IntakeError {
     InvalidInBatch { index: usize, source: EventError },
     #[error("a batch must hold at least one event")]
     EmptyBatch,
+    #[error("\"events\" must be an array of events")]
+    EventsNotArray,
     #[error("a batch holds {got} events; at most {max} are allowed (limits.max_batch)")]
     BatchTooLarge { got: usize, max: usize },
     #[error("the event is {size} bytes; at most {max} are allowed (server.max_body)")]
@@ -186,11 +188,7 @@ impl Intake {
                 }
                 match obj.remove("events") {
                     Some(Value::Array(items)) => items,
-                    _ => {
-                        return Err(IntakeError::Invalid(EventError::UnknownField(
-                            "events (must be an array)".into(),
-                        )));
-                    }
+                    _ => return Err(IntakeError::EventsNotArray),
                 }
             }
             single => return Ok(vec![Event::from_value(single)?]),

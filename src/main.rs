@@ -99,7 +99,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
         .collect();
-    eprintln!("dispatcher: {} (see `dispatcher --help`)", parts.join("; "));
+    // A line that ends in a colon introduces the next ones (the arguments missing).
+    let mut line = String::new();
+    for part in parts {
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    eprintln!("dispatcher: {line} (see `dispatcher --help`)");
     ExitCode::from(e.exit_code() as u8)
 }
 

@@ -751,7 +751,21 @@ async fn v4_bad_input_is_a_problem_and_stores_nothing() {
             "POST",
             "destination=x",
             400,
+            vec!["invalid JSON", "looks form-encoded", "/api/v2/webhooks"],
+        ),
+        (
+            "broken json",
+            "POST",
+            r#"{"destination": "#,
+            400,
             vec!["invalid JSON"],
+        ),
+        (
+            "an array",
+            "POST",
+            r#"["http://127.0.0.1:9/ok", ["add_lead"]]"#,
+            422,
+            vec!["the request body must be a JSON object, not an array"],
         ),
         (
             "no destination",
@@ -765,7 +779,7 @@ async fn v4_bad_input_is_a_problem_and_stores_nothing() {
             "POST",
             r#"{"destination": "http://127.0.0.1:9/ok"}"#,
             422,
-            vec!["settings"],
+            vec!["missing field `settings`"],
         ),
         (
             "settings not a list",
@@ -841,6 +855,13 @@ async fn v4_bad_input_is_a_problem_and_stores_nothing() {
             body.to_string(),
         )
         .await;
+        // Valid JSON that does not fit is not called invalid JSON.
+        let detail = got.1["detail"].as_str().unwrap_or_default().to_string();
+        assert_eq!(
+            detail.starts_with("invalid JSON"),
+            status == 400 && !needles.contains(&"empty"),
+            "{case}: {detail}"
+        );
         assert_problem(case, got, status, &needles);
     }
     for (case, query, needles) in [

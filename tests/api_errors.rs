@@ -243,7 +243,11 @@ async fn bad_events_are_400_problems_and_store_nothing() {
             vec!["\"id\""],
         ),
         ("empty batch", r#"{"events":[]}"#.into(), vec!["at least one"]),
-        ("batch not an array", format!(r#"{{"events":{good}}}"#), vec!["events"]),
+        (
+            "batch not an array",
+            format!(r#"{{"events":{good}}}"#),
+            vec!["\"events\" must be an array of events"],
+        ),
         (
             "batch with an extra field",
             format!(r#"{{"events":[{good}],"extra":1}}"#),
@@ -468,7 +472,31 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
     let userinfo_url = good_url.replacen("http://", "http://alice:s3cr3tpw@", 1);
     vec![
         ("malformed JSON", r#"{"url":"#.into(), 400, vec!["JSON"]),
+        (
+            "malformed JSON array",
+            "[1,".into(),
+            400,
+            vec!["invalid JSON"],
+        ),
         ("empty body", "".into(), 400, vec!["empty"]),
+        (
+            "a JSON array",
+            "[]".into(),
+            422,
+            vec!["the request body must be a JSON object, not an array"],
+        ),
+        (
+            "an array holding the url",
+            json!([good_url, ["add_lead"]]).to_string(),
+            422,
+            vec!["the request body must be a JSON object, not an array"],
+        ),
+        (
+            "JSON null",
+            "null".into(),
+            422,
+            vec!["must be a JSON object, not null"],
+        ),
         (
             "missing url",
             json!({"events": ev}).to_string(),
@@ -756,6 +784,12 @@ async fn a_bad_patch_leaves_the_subscription_unchanged() {
 
     let other = rx.url("/other");
     let cases: Vec<(&str, Value, u16, Vec<&str>)> = vec![
+        (
+            "an array",
+            json!([1]),
+            422,
+            vec!["the request body must be a JSON object, not an array"],
+        ),
         ("relative url", json!({"url": "/hook"}), 422, vec!["url"]),
         (
             "ftp url",

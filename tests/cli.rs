@@ -547,3 +547,18 @@ fn an_unknown_command_is_an_error_without_a_panic() {
     assert!(run.stderr.contains("frobnicate"), "{run}");
     run.assert_no_panic();
 }
+
+/// A missing argument is named on one line, after the sentence that introduces it.
+#[test]
+fn a_missing_argument_is_named_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = dispatcher(dir.path());
+    cmd.args(["subscriptions", "add", "--events", "add_lead"]);
+    let run = run(cmd, dir.path());
+    assert_eq!(run.code(), Some(2), "{run}");
+    assert_eq!(
+        run.stderr.trim(),
+        "dispatcher: the following required arguments were not provided: --url <URL> (see `dispatcher --help`)",
+        "{run}"
+    );
+}

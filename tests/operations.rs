@@ -176,13 +176,26 @@ async fn redeliver_and_recover_schedule_attempts_that_arrive() {
         )
         .await;
     assert_eq!((code, r["scheduled"].clone()), (200, json!(0)));
-    let (code, _) = server
+    // A body that does not fit is 422, whether `since` is missing or not a time.
+    let (code, r) = server
         .post(
             &format!("/v1/subscriptions/{sub_id}/recover"),
             &json!({"since": "yesterday"}),
         )
         .await;
-    assert_eq!(code, 400);
+    assert_eq!(code, 422, "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("since"), "{r}");
+    let (code, r) = server
+        .post(&format!("/v1/subscriptions/{sub_id}/recover"), &json!({}))
+        .await;
+    assert_eq!(code, 422, "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("missing field `since`"),
+        "{r}"
+    );
     let (code, _) = server
         .post(
             "/v1/deliveries/00000000-0000-0000-0000-000000000000/redeliver",

@@ -4,7 +4,7 @@
 
 use super::amocrm_v2::hal;
 use super::form::parse_query;
-use super::{ApiError, body, parse_json};
+use super::{ApiError, body, parse_json_object};
 use crate::App;
 use crate::store::Subscription;
 use crate::subscription::{DestinationSettings, SubscriptionError};
@@ -110,6 +110,22 @@ struct WebhookInput {
     disabled: Option<bool>,
 }
 
+/// A v4 body: a JSON object. One that is not JSON but looks like a form (as `curl -d a=b` or
+/// PHP's `http_build_query` make) is told where forms go.
+fn parse_v4<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    parse_json_object(bytes).map_err(|mut e| {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        let form = first.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'%')
+            && bytes.contains(&b'=');
+        if e.status == StatusCode::BAD_REQUEST && form {
+            e.detail.push_str(
+                "; the v4 API takes a JSON body, and this one looks form-encoded (the v2 API, /api/v2/webhooks, takes forms)",
+            );
+        }
+        e
+    })
+}
+
 /// `POST /api/v4/webhooks`: creates the webhook of `destination`, or replaces its settings (and
 /// `sort` and `disabled` when given); 200 with the webhook.
 pub async fn put(
@@ -117,7 +133,7 @@ pub async fn put(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = body(bytes, app.config.server.max_body)?;
-    let input: WebhookInput = parse_json(&bytes)?;
+    let input: WebhookInput = parse_v4(&bytes)?;
     let sub = app
         .registry
         .put_destination(
@@ -146,7 +162,7 @@ pub async fn delete(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let bytes = body(bytes, app.config.server.max_body)?;
-    let input: DestinationInput = parse_json(&bytes)?;
+    let input: DestinationInput = parse_v4(&bytes)?;
     let deleted = app
         .registry
         .delete_url(&input.destination)

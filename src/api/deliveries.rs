@@ -244,8 +244,12 @@ pub async fn recover(
         return Err(not_found());
     }
     let bytes = super::body(bytes, app.config.server.max_body)?;
-    let body: RecoverBody = super::parse_json(&bytes)?;
-    let since = parse_time("since", &body.since)?;
+    let body: RecoverBody = super::parse_json_object(&bytes)?;
+    // A value in the body that does not fit is 422, as a missing one is (in a query, 400).
+    let since = parse_time("since", &body.since).map_err(|mut e| {
+        e.status = StatusCode::UNPROCESSABLE_ENTITY;
+        e
+    })?;
     let scheduled = app
         .store
         .recover(&sub, since, now_ms())

@@ -19,7 +19,8 @@ impl From<IntakeError> for ApiError {
         match e {
             IntakeError::Invalid(_)
             | IntakeError::InvalidInBatch { .. }
-            | IntakeError::EmptyBatch => ApiError::bad_request(e.to_string()),
+            | IntakeError::EmptyBatch
+            | IntakeError::EventsNotArray => ApiError::bad_request(e.to_string()),
             IntakeError::BatchTooLarge { .. } | IntakeError::EventTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }

@@ -111,8 +111,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         } else {
             StatusCode::BAD_REQUEST
         };
-        let detail = if path == "." || inner.is_syntax() || inner.is_eof() {
+        let detail = if inner.is_syntax() || inner.is_eof() {
             format!("invalid JSON: {inner}")
+        } else if path == "." {
+            // Valid JSON that does not fit, as a whole: "missing field `settings`".
+            inner.to_string()
         } else {
             format!("{path}: {inner}")
         };
@@ -122,6 +125,28 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
     Ok(value)
+}
+
+/// [`parse_json`] for a body that must be a JSON object: serde would take an array for a struct,
+/// field by field, and then name a field the array never had.
+pub fn parse_json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        // Invalid JSON is said first (`[1,`), then the kind of value it is.
+        let kind = match parse_json::<serde_json::Value>(bytes)? {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Null => "null",
+            serde_json::Value::Object(_) => return parse_json(bytes),
+        };
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the request body must be a JSON object, not {kind}"),
+        ));
+    }
+    parse_json(bytes)
 }
 
 /// A time in milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).

@@ -1,6 +1,6 @@
 //! `/v1/subscriptions`: the native subscription API (SPEC §5.2).
 
-use super::{ApiError, Caller, body, parse_json, rfc3339};
+use super::{ApiError, Caller, body, parse_json_object, rfc3339};
 use crate::App;
 use crate::config::Role;
 use crate::store::Subscription;
@@ -66,7 +66,7 @@ pub async fn create(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let bytes = body(bytes, app.config.server.max_body)?;
-    let input: SubscriptionInput = parse_json(&bytes)?;
+    let input: SubscriptionInput = parse_json_object(&bytes)?;
     let sub = app.registry.create(input).await?;
     app.engine.sync_lane(&sub.id);
     Ok((StatusCode::CREATED, Json(view(&sub, true))))
@@ -97,7 +97,7 @@ pub async fn update(
 ) -> Result<Json<Value>, ApiError> {
     let uuid = parse_id(&id)?;
     let bytes = body(bytes, app.config.server.max_body)?;
-    let input: SubscriptionInput = parse_json(&bytes)?;
+    let input: SubscriptionInput = parse_json_object(&bytes)?;
     let sub = app.registry.update(&uuid, input).await?;
     app.engine.sync_lane(&sub.id);
     Ok(Json(view(&sub, true)))
