@@ -498,6 +498,18 @@ fn bad_subscription_cases(good_url: &str) -> Vec<(&'static str, String, u16, Vec
             vec!["must be a JSON object, not null"],
         ),
         (
+            "empty name",
+            with("name", json!("")),
+            422,
+            vec!["name: is blank"],
+        ),
+        (
+            "blank name",
+            with("name", json!("  ")),
+            422,
+            vec!["name: is blank"],
+        ),
+        (
             "missing url",
             json!({"events": ev}).to_string(),
             422,

@@ -429,10 +429,17 @@ impl Registry {
             sub.events = validate_events(&events)?;
         }
         if let Some(name) = input.name {
-            if let Some(n) = &name
-                && n.chars().count() > 255
-            {
-                return Err(invalid("name", "is longer than 255 characters"));
+            if let Some(n) = &name {
+                if n.chars().count() > 255 {
+                    return Err(invalid("name", "is longer than 255 characters"));
+                }
+                // A blank name shows as nothing in listings and names nothing on the CLI.
+                if n.trim().is_empty() {
+                    return Err(invalid(
+                        "name",
+                        "is blank; leave it out, or null, for a subscription without a name",
+                    ));
+                }
             }
             sub.name = name;
         }
