@@ -509,6 +509,8 @@ impl Config {
         if let Some(proxy) = &masked.delivery.proxy {
             masked.delivery.proxy = Some(masked_url(proxy));
         }
+        // The link in effect, also when it is the default made from the subdomain.
+        masked.account.link = Some(masked.account.link());
         match toml::to_string_pretty(&masked) {
             Ok(text) => text,
             // Only reachable for a config built in code (a non-UTF-8 path, a count above i64::MAX);
@@ -1616,12 +1618,15 @@ level = "info"
             token.token = MASK.to_string();
         }
         expected.delivery.proxy = back.delivery.proxy.clone();
+        expected.account.link = Some(c.account.link());
         assert_eq!(back, expected, "{text}");
         assert!(!format!("{c:?}").contains("s3cr3t"), "Debug shows a token");
 
-        // The defaults print and read back too (no proxy, no link, no policies).
+        // The defaults print and read back too (no proxy, no policies; the link in effect).
         let defaults = Config::default().to_masked_toml();
-        assert_eq!(parse_ok(&defaults), Config::default(), "{defaults}");
+        let mut expected = Config::default();
+        expected.account.link = Some(expected.account.link());
+        assert_eq!(parse_ok(&defaults), expected, "{defaults}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ enum Command {
     },
     /// Validate a config and print the effective settings (tokens masked)
     CheckConfig {
+        /// Config file (default ./dispatcher.toml, or built-in defaults when it is absent); an
+        /// explicit path that does not exist is an error
         #[arg(long, short)]
         config: Option<PathBuf>,
     },

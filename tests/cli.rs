@@ -193,6 +193,11 @@ fn check_config_prints_the_effective_settings_with_tokens_masked() {
     assert_eq!(printed.delivery.timeout, Duration::from_millis(1500));
     assert_eq!(printed.api.tokens.len(), 1);
     assert_eq!(printed.api.tokens[0].token, "***");
+    // Also a default made from another key: the account link from the subdomain.
+    assert!(
+        run.stdout.contains("link = \"https://example.amocrm.ru\""),
+        "{run}"
+    );
 }
 
 #[test]
@@ -274,7 +279,12 @@ fn without_a_config_the_built_in_defaults_apply() {
     let run = check_config(dir.path(), None, &[]);
     assert_eq!(run.code(), Some(0), "{run}");
     assert!(run.stdout.contains("127.0.0.1:8080"), "{run}");
-    let printed = parse_printed(&run);
+    let mut printed = parse_printed(&run);
+    // The link in effect is printed: the default one, made from the subdomain.
+    assert_eq!(
+        printed.account.link.take(),
+        Some(Config::default().account.link())
+    );
     assert_eq!(
         printed,
         Config::default(),
