@@ -43,6 +43,10 @@ pub enum IntakeError {
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
     #[error(
+        "the first request with the id {0:?} was being stored and failed; nothing is stored for it, send it again"
+    )]
+    FirstNotStored(String),
+    #[error(
         "the dispatcher is over its intake backlog ({0} events waiting to be stored); retry shortly"
     )]
     Overloaded(i64),
@@ -70,8 +74,10 @@ struct PendingKeys {
 }
 
 impl PendingKeys {
-    /// Kept this long at most: a request that stopped waiting (its client went away) leaves its
-    /// keys behind, and the writer applies what was queued well within this.
+    /// Kept this long, up to twice as long at most: a request that stopped waiting (its client
+    /// went away) leaves its keys behind, which is as it should be while its write is queued (a
+    /// repeat meanwhile takes its receipt and checks it once written); the writer applies what
+    /// was queued well within this.
     const KEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
     fn new() -> PendingKeys {
@@ -236,6 +242,8 @@ impl Intake {
         let mut primes = Vec::with_capacity(events.len());
         let mut created = 0usize;
         let mut keys: Vec<(String, IdempotencyRecord)> = Vec::new();
+        // Receipts taken from another request's record not yet written: checked once written.
+        let mut unconfirmed: Vec<(&str, Uuid)> = Vec::new();
         let durable = {
             let _gate = self.registry.intake_gate().await;
             // Events with an idempotency key check and record it under one lock, so that two
@@ -249,7 +257,10 @@ impl Intake {
                     let earlier = match keys.iter().find(|(seen, _)| seen == k) {
                         Some((_, rec)) => Some(*rec),
                         None => match pending.as_ref().and_then(|p| p.get(k)) {
-                            Some(rec) => Some(rec),
+                            Some(rec) => {
+                                unconfirmed.push((k, rec.event_id));
+                                Some(rec)
+                            }
                             None => self.store.idempotency(k)?.filter(|r| {
                                 now.saturating_sub(r.at) < IDEMPOTENCY_WINDOW.as_millis() as u64
                             }),
@@ -335,6 +346,13 @@ impl Intake {
                 .remove(&keys);
         }
         written?;
+        // The first request's write came before this one's flush: it is in sled unless it failed,
+        // and then this receipt names an event that was never stored.
+        for (k, event_id) in unconfirmed {
+            if self.store.idempotency(k)?.map(|r| r.event_id) != Some(event_id) {
+                return Err(IntakeError::FirstNotStored(k.to_string()));
+            }
+        }
         self.metrics.events_accepted(items.len(), created);
         for id in &touched {
             self.engine.wake(id);
@@ -385,6 +403,17 @@ mod tests {
     use crate::subscription::SubscriptionInput;
     use serde_json::json;
 
+    /// A dispatcher on storage in `dir`, with `extra` TOML.
+    async fn start(dir: &tempfile::TempDir, extra: &str) -> crate::Dispatcher {
+        let toml = format!(
+            "[storage]\npath = {:?}\n{extra}",
+            dir.path().join("db.sled").display().to_string()
+        );
+        crate::Dispatcher::start(Config::from_toml_str(&toml, &[]).unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Intake tells the store which of each event's deliveries are held, by that event's own
     /// snapshot of its subscriptions: those get their due entries in sled with the event, the
     /// others wait in memory for their first attempt. A repeated idempotency key in the batch
@@ -396,13 +425,11 @@ mod tests {
         // stay in flight, with no outcome and no retry's due entry, while the test looks.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hook", silent.local_addr().unwrap());
-        let toml = format!(
-            "[storage]\npath = {:?}\n[delivery]\nallow_private = [\"127.0.0.0/8\"]\ntimeout = \"60s\"\n",
-            dir.path().join("db.sled").display().to_string()
-        );
-        let dispatcher = crate::Dispatcher::start(Config::from_toml_str(&toml, &[]).unwrap())
-            .await
-            .unwrap();
+        let dispatcher = start(
+            &dir,
+            "[delivery]\nallow_private = [\"127.0.0.0/8\"]\ntimeout = \"60s\"\n",
+        )
+        .await;
         let app = dispatcher.app.clone();
         let subscribe = |events: &[&str], enabled: bool| SubscriptionInput {
             url: Some(url.clone()),
@@ -464,13 +491,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_requests_with_one_idempotency_key_make_one_event() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = format!(
-            "[storage]\npath = {:?}\n",
-            dir.path().join("db.sled").display().to_string()
-        );
-        let dispatcher = crate::Dispatcher::start(Config::from_toml_str(&toml, &[]).unwrap())
-            .await
-            .unwrap();
+        let dispatcher = start(&dir, "").await;
         let emitter = dispatcher.emitter();
         for round in 0..5 {
             let key = format!("k{round}");
@@ -496,6 +517,42 @@ mod tests {
                 .unwrap();
             assert_eq!(repeat.id, ids[0], "round {round}: a later repeat");
         }
+        dispatcher.shutdown().await;
+    }
+
+    /// A repeat that took its receipt from a first request still being stored answers 202 only
+    /// once that event is stored: when the first one's write fails, the repeat fails too, where
+    /// it answered with the id of an event that was never stored.
+    #[tokio::test]
+    async fn a_repeat_of_a_request_whose_write_fails_fails_too() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let dispatcher = start(&dir, "").await;
+        let (intake, store) = (dispatcher.app.intake.clone(), dispatcher.app.store.clone());
+        let (go, held) = store.hold_writer();
+        let event = || {
+            crate::event::Event::from_value(
+                json!({"event": "add_lead", "data": {"id": 1}, "id": "k"}),
+            )
+            .unwrap()
+        };
+        // Each polled once: its writes are queued behind the held writer, and it waits.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut first = std::pin::pin!(intake.accept(vec![event()]));
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        let mut repeat = std::pin::pin!(intake.accept(vec![event()]));
+        assert!(repeat.as_mut().poll(&mut cx).is_pending());
+        store.fail_next_intake();
+        go.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        assert!(first.await.is_err(), "the first request's write failed");
+        match repeat.await {
+            Err(super::IntakeError::FirstNotStored(key)) => assert_eq!(key, "k"),
+            other => panic!("the repeat answered {other:?}"),
+        }
+        // Nothing is stored for the key: sending it again makes the event.
+        let again = intake.accept(vec![event()]).await.unwrap();
+        assert_eq!(store.event(&again[0].id).unwrap().unwrap().id, again[0].id);
         dispatcher.shutdown().await;
     }
 }

@@ -25,21 +25,21 @@ struct Cli {
     command: Command,
 }
 
+/// The daemon's config file, for `serve` and `check-config`.
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Config file (default ./dispatcher.toml, or built-in defaults when it is absent); an
+    /// explicit path that does not exist is an error
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon (default config ./dispatcher.toml, or built-in defaults when it is absent)
-    Serve {
-        /// Config file; an explicit path that does not exist is an error
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Serve(ConfigArg),
     /// Validate a config and print the effective settings (tokens masked)
-    CheckConfig {
-        /// Config file (default ./dispatcher.toml, or built-in defaults when it is absent); an
-        /// explicit path that does not exist is an error
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    CheckConfig(ConfigArg),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -67,8 +67,8 @@ fn main() -> ExitCode {
             other => other.map_err(anyhow::Error::from),
         },
         _ if explicit("server") || explicit("token") => Err(client_flags_on_daemon()),
-        Command::CheckConfig { config } => check_config(config),
-        Command::Serve { config } => serve_command(config),
+        Command::CheckConfig(ConfigArg { config }) => check_config(config),
+        Command::Serve(ConfigArg { config }) => serve_command(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

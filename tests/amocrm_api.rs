@@ -751,7 +751,11 @@ async fn v4_bad_input_is_a_problem_and_stores_nothing() {
             "POST",
             "destination=x",
             400,
-            vec!["invalid JSON", "looks form-encoded", "/api/v2/webhooks"],
+            vec![
+                "invalid JSON",
+                "looks form-encoded",
+                "/api/v2/webhooks/subscribe",
+            ],
         ),
         (
             "broken json",

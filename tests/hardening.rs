@@ -358,9 +358,12 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
 #[tokio::test]
 async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
-    let config = common::binary_config(dir.path(), "");
-    let rx = Receiver::slow(200, Duration::from_secs(3)).await;
-    let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
+    // The attempt outlasts the checks below, and the daemon waits for its answer.
+    let config = common::binary_config(dir.path(), "timeout = \"10s\"\n");
+    let rx = Receiver::slow(200, Duration::from_secs(4)).await;
+    let stderr_path = dir.path().join("stderr.log");
+    let (mut child, base) =
+        common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
     let kept = reqwest::Client::new();
     let r = kept
         .post(format!("{base}/v1/subscriptions"))
@@ -369,6 +372,7 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    let sub: Value = r.json().await.unwrap();
     let event = json!({"event": "add_lead", "data": {"id": 1}}).to_string();
     let r = kept
         .post(format!("{base}/v1/events"))
@@ -412,6 +416,20 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         .unwrap_or_else(|e| panic!("intake after SIGTERM on the kept-alive connection: {e}"));
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+    // Not ready, and no attempts promised now: health and recover say so too.
+    let r = kept.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let r = kept
+        .post(format!(
+            "{base}/v1/subscriptions/{}/recover",
+            sub["id"].as_str().unwrap()
+        ))
+        .body(json!({"since": "2000-01-01T00:00:00Z"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the daemon exited with the attempt still in flight"
@@ -419,4 +437,10 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
 
     let status = wait_for("the daemon to exit", WAIT, || child.try_wait().unwrap()).await;
     assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" attempt ") && l.contains("outcome=\"delivered\"")),
+        "the attempt in flight ends delivered before the exit:\n{log}"
+    );
 }

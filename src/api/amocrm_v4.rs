@@ -119,7 +119,7 @@ fn parse_v4<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError>
             && bytes.contains(&b'=');
         if e.status == StatusCode::BAD_REQUEST && form {
             e.detail.push_str(
-                "; the v4 API takes a JSON body, and this one looks form-encoded (the v2 API, /api/v2/webhooks, takes forms)",
+                "; the v4 API takes a JSON body, and this one looks form-encoded (the v2 API takes forms: /api/v2/webhooks/subscribe and /unsubscribe)",
             );
         }
         e

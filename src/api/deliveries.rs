@@ -174,6 +174,15 @@ pub async fn list(
     Ok(Json(json!({ "deliveries": items, "next_cursor": page })))
 }
 
+/// Redeliver and recover promise attempts now, which a daemon finishing its last attempts
+/// before it exits does not make: 503 with `Retry-After`, as intake answers then.
+fn refuse_while_shutting_down(app: &App) -> Result<(), ApiError> {
+    if app.intake.is_closed() {
+        return Err(crate::intake::IntakeError::ShuttingDown.into());
+    }
+    Ok(())
+}
+
 /// `POST /v1/deliveries/{id}/redeliver`: a fresh attempt now, whatever the status.
 pub async fn redeliver(
     State(app): State<Arc<App>>,
@@ -181,6 +190,7 @@ pub async fn redeliver(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let not_found = || ApiError::not_found(format!("no delivery with id {id}"));
     let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    refuse_while_shutting_down(&app)?;
     let current = app
         .store
         .delivery(&uuid)
@@ -243,6 +253,7 @@ pub async fn recover(
     if app.registry.get(&sub).is_none() {
         return Err(not_found());
     }
+    refuse_while_shutting_down(&app)?;
     let bytes = super::body(bytes, app.config.server.max_body)?;
     let body: RecoverBody = super::parse_json_object(&bytes)?;
     // A value in the body that does not fit is 422, as a missing one is (in a query, 400).

@@ -115,9 +115,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("invalid JSON: {inner}")
         } else if path == "." {
             // Valid JSON that does not fit, as a whole: "missing field `settings`".
-            inner.to_string()
+            without_position(&inner)
         } else {
-            format!("{path}: {inner}")
+            format!("{path}: {}", without_position(&inner))
         };
         ApiError::new(status, detail)
     })?;
@@ -127,19 +127,30 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// serde's message without the position it ends with: the path names the place of a value that
+/// does not fit, and a missing field has no place.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match text.strip_suffix(&position) {
+        Some(message) => message.to_string(),
+        None => text,
+    }
+}
+
 /// [`parse_json`] for a body that must be a JSON object: serde would take an array for a struct,
 /// field by field, and then name a field the array never had.
 pub fn parse_json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|b| *b != b'{') {
         // Invalid JSON is said first (`[1,`), then the kind of value it is.
+        // Not an object: it does not start with `{`.
         let kind = match parse_json::<serde_json::Value>(bytes)? {
             serde_json::Value::Array(_) => "an array",
             serde_json::Value::String(_) => "a string",
             serde_json::Value::Number(_) => "a number",
             serde_json::Value::Bool(_) => "a boolean",
-            serde_json::Value::Null => "null",
-            serde_json::Value::Object(_) => return parse_json(bytes),
+            _ => "null",
         };
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

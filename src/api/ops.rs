@@ -20,6 +20,10 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    // Not ready for traffic while it finishes its last attempts before exiting.
+    if app.intake.is_closed() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     let store = app.store.clone();
     let writable = tokio::task::spawn_blocking(move || store.writable())
         .await

@@ -486,15 +486,11 @@ impl Store {
             // due (123-151 s against 92 s). A program embedding the library on glibc gets the
             // smaller cache too; it was not measured on its own there.
             .cache_capacity(CACHE_BYTES);
-        // A process that is just exiting may still hold the lock for a moment: retry briefly.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
             match config.open() {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -937,6 +933,29 @@ impl Store {
             .collect()
     }
 
+    /// Holds the writer thread until the returned sender sends or is dropped (10 s at most); the
+    /// receiver says when it went on.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(
+        &self,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        oneshot::Receiver<Result<(), std::sync::mpsc::RecvTimeoutError>>,
+    ) {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let held = self
+            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
+            .unwrap();
+        (go, held)
+    }
+
+    /// Makes the writer's next group of intake fail as a write that sled refused: nothing of it
+    /// is written, and its callers get the error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_intake(&self) {
+        self.claimed_set().fail_next_intake = true;
+    }
+
     fn claimed_set(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claimed.lock().expect("claimed set lock poisoned")
     }
@@ -1322,20 +1341,29 @@ impl Durable {
     }
 }
 
-/// A sled error the writer met, as its message (the writer answers many with one error).
+/// How long opening retries while another process holds the database's lock: one that is just
+/// exiting may still hold it for a moment.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether sled refused to open because another process holds the database's lock.
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 /// Why the database did not open, in words: sled's text of an I/O error repeats the error in
 /// its debug form.
 fn open_failure(e: &sled::Error) -> String {
     match e {
-        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-            "another process has it open (another dispatcher on the same storage.path?); tried for 5 s"
-                .into()
-        }
+        _ if is_locked(e) => format!(
+            "another process has it open (another dispatcher on the same storage.path?); tried for {}",
+            humantime::format_duration(LOCK_WAIT)
+        ),
         sled::Error::Io(io) => io.to_string(),
         other => other.to_string(),
     }
 }
 
+/// A sled error the writer met, as its message (the writer answers many with one error).
 fn writer_error(msg: &str) -> StoreError {
     StoreError::Sled(sled::Error::Io(std::io::Error::other(msg.to_string())))
 }
@@ -1348,6 +1376,9 @@ struct Claims {
     held: HashSet<Uuid>,
     voided: HashSet<Uuid>,
     fresh: fresh::Fresh,
+    /// See [`Store::fail_next_intake`].
+    #[cfg(test)]
+    fail_next_intake: bool,
 }
 
 /// The writer thread's handles.
@@ -1856,6 +1887,13 @@ impl Writer {
         if let Some(latest) = latest {
             self.newest = self.newest.max(latest);
         }
+        #[cfg(test)]
+        let applied = if std::mem::take(&mut self.claims().fail_next_intake) {
+            changes.refused("a write refused for a test")
+        } else {
+            changes.apply(&self.tree)
+        };
+        #[cfg(not(test))]
         let applied = changes.apply(&self.tree);
         if let Some(e) = &applied.error {
             tracing::error!(error = %e, "writing to storage failed");
@@ -2005,6 +2043,19 @@ impl Changes {
     }
 }
 
+impl Changes {
+    /// What [`Changes::apply`] gives when its first write fails: nothing written (tests).
+    #[cfg(test)]
+    fn refused(self, error: &str) -> Applied {
+        Applied {
+            ranks: (0..self.singles.len()).collect(),
+            singles: 0,
+            batch: false,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
 /// Shared ownership of the store for the engine and the API.
 pub type SharedStore = Arc<Store>;
 
@@ -2108,19 +2159,6 @@ mod tests {
 
     /// Keeps the writer busy until `go` is sent (at most 10 s): what is queued meanwhile is
     /// applied as one group. The receiver tells once it has let go.
-    fn hold_writer(
-        store: &Store,
-    ) -> (
-        std::sync::mpsc::Sender<()>,
-        oneshot::Receiver<Result<(), std::sync::mpsc::RecvTimeoutError>>,
-    ) {
-        let (go, wait) = std::sync::mpsc::channel::<()>();
-        let held = store
-            .exclusive(move |_| wait.recv_timeout(Duration::from_secs(10)))
-            .unwrap();
-        (go, held)
-    }
-
     #[tokio::test]
     async fn intake_is_answered_before_the_outcomes_queued_beside_it_are_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -2129,7 +2167,7 @@ mod tests {
         accept_now(&store, &[event(&[sub], now_ms())]).await;
         let (due, d) = claim_first_delivered(&store, &sub);
         // The writer waits until both changes are queued, so that it takes them as one group.
-        let (go, held) = hold_writer(&store);
+        let (go, held) = store.hold_writer();
         // The outcome, queued first, only ends once the intake behind it has been answered.
         let (answered, on_answer) = std::sync::mpsc::channel::<()>();
         let (ran, outcome) = oneshot::channel();
@@ -2178,7 +2216,7 @@ mod tests {
         let (due, d) = claim_first_delivered(&store, &sub);
         assert_eq!(d.event_id, a.id);
         // One group: a's outcome, an event c, and a flush asked for.
-        let (go, held) = hold_writer(&store);
+        let (go, held) = store.hold_writer();
         let (ran, mut outcome) = oneshot::channel();
         let reader = store.clone();
         store.record_attempt_then(

@@ -437,7 +437,7 @@ impl Registry {
                 if n.trim().is_empty() {
                     return Err(invalid(
                         "name",
-                        "is blank; leave it out, or null, for a subscription without a name",
+                        "is blank; null is a subscription without a name",
                     ));
                 }
             }
