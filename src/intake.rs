@@ -43,10 +43,6 @@ pub enum IntakeError {
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
     #[error(
-        "the first request with the id {0:?} was being stored and failed; nothing is stored for it, send it again"
-    )]
-    FirstNotStored(String),
-    #[error(
         "the dispatcher is over its intake backlog ({0} events waiting to be stored); retry shortly"
     )]
     Overloaded(i64),
@@ -65,19 +61,26 @@ pub struct Intake {
     max_event: usize,
 }
 
-/// Idempotency keys whose records intake has queued for the writer and not yet seen written.
-/// A record is in sled once the writer has applied it, a moment after intake queued it; a request
-/// with the same key in that moment finds it here instead (SPEC §4: accepted once).
+/// Idempotency keys whose records intake has queued for the writer, with the writer's answer to
+/// come. A record is in sled once the writer has applied it, a moment after intake queued it; a
+/// request with the same key in that moment finds the key here, waits for that answer and looks
+/// again: the key is then in sled, or the write failed and the request makes the event itself
+/// (SPEC §4: accepted once; and nothing answered 202 that was not stored).
 struct PendingKeys {
-    records: std::collections::HashMap<String, (IdempotencyRecord, std::time::Instant)>,
+    records: std::collections::HashMap<String, Pending>,
     purged: std::time::Instant,
 }
 
+struct Pending {
+    event_id: Uuid,
+    written: store::SharedDurable,
+    at: std::time::Instant,
+}
+
 impl PendingKeys {
-    /// Kept this long, up to twice as long at most: a request that stopped waiting (its client
-    /// went away) leaves its keys behind, which is as it should be while its write is queued (a
-    /// repeat meanwhile takes its receipt and checks it once written); the writer applies what
-    /// was queued well within this.
+    /// Kept this long, up to twice as long at most, when no one takes them out: a request that
+    /// stopped waiting (its client went away) leaves its keys behind, and a repeat that finds
+    /// one answered takes it out; the writer answers well within this.
     const KEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
     fn new() -> PendingKeys {
@@ -87,19 +90,31 @@ impl PendingKeys {
         }
     }
 
-    fn get(&self, key: &str) -> Option<IdempotencyRecord> {
-        self.records.get(key).map(|(r, _)| *r)
+    /// The answer to wait for before `key` can be looked up in sled; `None` when there is none
+    /// left to wait for (an answered entry is taken out).
+    fn unanswered(&mut self, key: &str) -> Option<store::SharedDurable> {
+        let pending = self.records.get(key)?;
+        if pending.written.answered() {
+            self.records.remove(key);
+            return None;
+        }
+        Some(pending.written.clone())
     }
 
-    fn insert(&mut self, keys: &[(String, IdempotencyRecord)]) {
+    fn insert(&mut self, keys: &[(String, IdempotencyRecord)], written: &store::SharedDurable) {
         let now = std::time::Instant::now();
         if now.duration_since(self.purged) >= Self::KEEP {
             self.records
-                .retain(|_, (_, at)| now.duration_since(*at) < Self::KEEP);
+                .retain(|_, p| now.duration_since(p.at) < Self::KEEP);
             self.purged = now;
         }
         for (k, r) in keys {
-            self.records.insert(k.clone(), (*r, now));
+            let pending = Pending {
+                event_id: r.event_id,
+                written: written.clone(),
+                at: now,
+            };
+            self.records.insert(k.clone(), pending);
         }
     }
 
@@ -109,7 +124,7 @@ impl PendingKeys {
             if self
                 .records
                 .get(k)
-                .is_some_and(|(p, _)| p.event_id == r.event_id)
+                .is_some_and(|p| p.event_id == r.event_id)
             {
                 self.records.remove(k);
             }
@@ -242,96 +257,112 @@ impl Intake {
         let mut primes = Vec::with_capacity(events.len());
         let mut created = 0usize;
         let mut keys: Vec<(String, IdempotencyRecord)> = Vec::new();
-        // Receipts taken from another request's record not yet written: checked once written.
-        let mut unconfirmed: Vec<(&str, Uuid)> = Vec::new();
-        let durable = {
-            let _gate = self.registry.intake_gate().await;
+        let keyed = events.iter().any(|e| e.client_id.is_some());
+        let durable = loop {
+            let gate = self.registry.intake_gate().await;
             // Events with an idempotency key check and record it under one lock, so that two
-            // requests with the same key cannot both create deliveries.
-            let mut pending = events
-                .iter()
-                .any(|e| e.client_id.is_some())
-                .then(|| self.idempotency.lock().expect("idempotency lock poisoned"));
-            for event in &events {
-                if let Some(k) = &event.client_id {
-                    let earlier = match keys.iter().find(|(seen, _)| seen == k) {
-                        Some((_, rec)) => Some(*rec),
-                        None => match pending.as_ref().and_then(|p| p.get(k)) {
-                            Some(rec) => {
-                                unconfirmed.push((k, rec.event_id));
-                                Some(rec)
-                            }
+            // requests with the same key cannot both create deliveries. The lock is released
+            // before any wait (the block's end).
+            let decided: Result<store::SharedDurable, Vec<store::SharedDurable>> = 'decide: {
+                let mut pending =
+                    keyed.then(|| self.idempotency.lock().expect("idempotency lock poisoned"));
+                // A key another request has queued and the writer not yet answered: wait for that
+                // answer, then look again, before this request decides or writes anything.
+                if let Some(p) = pending.as_mut() {
+                    let unanswered: Vec<store::SharedDurable> = events
+                        .iter()
+                        .filter_map(|e| e.client_id.as_deref())
+                        .filter_map(|k| p.unanswered(k))
+                        .collect();
+                    if !unanswered.is_empty() {
+                        break 'decide Err(unanswered);
+                    }
+                }
+                for event in &events {
+                    if let Some(k) = &event.client_id {
+                        let earlier = match keys.iter().find(|(seen, _)| seen == k) {
+                            Some((_, rec)) => Some(*rec),
                             None => self.store.idempotency(k)?.filter(|r| {
                                 now.saturating_sub(r.at) < IDEMPOTENCY_WINDOW.as_millis() as u64
                             }),
-                        },
-                    };
-                    if let Some(rec) = earlier {
-                        receipts.push(Receipt {
-                            id: rec.event_id,
-                            deliveries: rec.deliveries,
-                        });
-                        continue;
-                    }
-                }
-                let event_id = store::new_event_id();
-                let subs = self.registry.matching(event);
-                let name = event.name.to_string();
-                // Its deliveries to disabled subscriptions, by this event's own snapshot of them
-                // (none for most events: no allocation).
-                let mut held_here = Vec::new();
-                for (i, s) in subs.iter().enumerate() {
-                    if !touched.contains(&s.id) {
-                        touched.push(s.id);
-                    }
-                    if !s.enabled {
-                        held_here.push(i);
-                        let d = Delivery {
-                            id: store::delivery_id(&event_id, i),
-                            event_id,
-                            event: name.clone(),
-                            subscription_id: s.id,
-                            status: DeliveryStatus::Pending,
-                            created_at: now,
-                            next_attempt_at: Some(now),
-                            ended_at: None,
-                            error: None,
-                            attempts: Vec::new(),
                         };
-                        held.push((d, s.clone()));
+                        if let Some(rec) = earlier {
+                            receipts.push(Receipt {
+                                id: rec.event_id,
+                                deliveries: rec.deliveries,
+                            });
+                            continue;
+                        }
+                    }
+                    let event_id = store::new_event_id();
+                    let subs = self.registry.matching(event);
+                    let name = event.name.to_string();
+                    // Its deliveries to disabled subscriptions, by this event's own snapshot of them
+                    // (none for most events: no allocation).
+                    let mut held_here = Vec::new();
+                    for (i, s) in subs.iter().enumerate() {
+                        if !touched.contains(&s.id) {
+                            touched.push(s.id);
+                        }
+                        if !s.enabled {
+                            held_here.push(i);
+                            let d = Delivery {
+                                id: store::delivery_id(&event_id, i),
+                                event_id,
+                                event: name.clone(),
+                                subscription_id: s.id,
+                                status: DeliveryStatus::Pending,
+                                created_at: now,
+                                next_attempt_at: Some(now),
+                                ended_at: None,
+                                error: None,
+                                attempts: Vec::new(),
+                            };
+                            held.push((d, s.clone()));
+                        }
+                    }
+                    created += subs.len();
+                    receipts.push(Receipt {
+                        id: event_id,
+                        deliveries: subs.len(),
+                    });
+                    if let Some(k) = &event.client_id {
+                        keys.push((
+                            k.clone(),
+                            IdempotencyRecord {
+                                event_id,
+                                deliveries: subs.len(),
+                                at: now,
+                            },
+                        ));
+                    }
+                    items.push(StoredEvent {
+                        id: event_id,
+                        received_at: now,
+                        name,
+                        event: event.stored(),
+                        subscriptions: subs.iter().map(|s| s.id).collect(),
+                    });
+                    held_at.push(held_here);
+                    primes.push((event_id, event, subs));
+                }
+                // Queued under the gate: a subscription deleted after this is cleaned up after it.
+                let durable = self.store.accept(&items, &keys, &held_at)?.shared();
+                if let Some(pending) = pending.as_mut() {
+                    pending.insert(&keys, &durable);
+                }
+                Ok(durable)
+            };
+            match decided {
+                Ok(durable) => break durable,
+                Err(unanswered) => {
+                    drop(gate);
+                    for written in unanswered {
+                        // Its outcome is read from sled on the next look.
+                        let _ = written.wait().await;
                     }
                 }
-                created += subs.len();
-                receipts.push(Receipt {
-                    id: event_id,
-                    deliveries: subs.len(),
-                });
-                if let Some(k) = &event.client_id {
-                    keys.push((
-                        k.clone(),
-                        IdempotencyRecord {
-                            event_id,
-                            deliveries: subs.len(),
-                            at: now,
-                        },
-                    ));
-                }
-                items.push(StoredEvent {
-                    id: event_id,
-                    received_at: now,
-                    name,
-                    event: event.stored(),
-                    subscriptions: subs.iter().map(|s| s.id).collect(),
-                });
-                held_at.push(held_here);
-                primes.push((event_id, event, subs));
             }
-            // Queued under the gate: a subscription deleted after this is cleaned up after it.
-            let durable = self.store.accept(&items, &keys, &held_at)?;
-            if let Some(pending) = pending.as_mut() {
-                pending.insert(&keys);
-            }
-            durable
         };
         for ((id, event, subs), item) in primes.iter().zip(&items) {
             self.engine
@@ -346,13 +377,6 @@ impl Intake {
                 .remove(&keys);
         }
         written?;
-        // The first request's write came before this one's flush: it is in sled unless it failed,
-        // and then this receipt names an event that was never stored.
-        for (k, event_id) in unconfirmed {
-            if self.store.idempotency(k)?.map(|r| r.event_id) != Some(event_id) {
-                return Err(IntakeError::FirstNotStored(k.to_string()));
-            }
-        }
         self.metrics.events_accepted(items.len(), created);
         for id in &touched {
             self.engine.wake(id);
@@ -520,39 +544,67 @@ mod tests {
         dispatcher.shutdown().await;
     }
 
-    /// A repeat that took its receipt from a first request still being stored answers 202 only
-    /// once that event is stored: when the first one's write fails, the repeat fails too, where
-    /// it answered with the id of an event that was never stored.
+    /// A request whose key another request has queued waits for that write before it decides
+    /// anything: when that write fails, it makes the event itself, and a batch with it stores
+    /// its other events once. Also when the first request's client went away (its future
+    /// dropped while its write was queued). Before, the repeat answered with the id of an event
+    /// that was never stored, or (checking afterwards) failed with its own events stored.
     #[tokio::test]
-    async fn a_repeat_of_a_request_whose_write_fails_fails_too() {
+    async fn a_repeat_of_a_request_whose_write_fails_makes_the_event_itself() {
         use std::future::Future;
         let dir = tempfile::tempdir().unwrap();
         let dispatcher = start(&dir, "").await;
         let (intake, store) = (dispatcher.app.intake.clone(), dispatcher.app.store.clone());
-        let (go, held) = store.hold_writer();
-        let event = || {
+        let keyed = |key: &str| {
             crate::event::Event::from_value(
-                json!({"event": "add_lead", "data": {"id": 1}, "id": "k"}),
+                json!({"event": "add_lead", "data": {"id": 1}, "id": key}),
             )
             .unwrap()
         };
-        // Each polled once: its writes are queued behind the held writer, and it waits.
+        let keyless = || {
+            crate::event::Event::from_value(json!({"event": "add_lead", "data": {"id": 2}}))
+                .unwrap()
+        };
+        let queued = |key: &str| intake.idempotency.lock().unwrap().records.contains_key(key);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut first = std::pin::pin!(intake.accept(vec![event()]));
-        assert!(first.as_mut().poll(&mut cx).is_pending());
-        let mut repeat = std::pin::pin!(intake.accept(vec![event()]));
-        assert!(repeat.as_mut().poll(&mut cx).is_pending());
-        store.fail_next_intake();
-        go.send(()).unwrap();
-        held.await.unwrap().unwrap();
-        assert!(first.await.is_err(), "the first request's write failed");
-        match repeat.await {
-            Err(super::IntakeError::FirstNotStored(key)) => assert_eq!(key, "k"),
-            other => panic!("the repeat answered {other:?}"),
+        for (key, first_stays) in [("a", true), ("b", false)] {
+            let (go, held) = store.hold_writer();
+            // Polled once: its write is queued behind the held writer, and it waits.
+            let mut first = Some(Box::pin(intake.accept(vec![keyed(key)])));
+            let polled = first.as_mut().unwrap().as_mut().poll(&mut cx);
+            assert!(polled.is_pending());
+            assert!(queued(key), "{key}: the first request's key is queued");
+            let mut repeat = Box::pin(intake.accept(vec![keyed(key), keyless()]));
+            assert!(repeat.as_mut().poll(&mut cx).is_pending());
+            if !first_stays {
+                // Its client went away.
+                first = None;
+            }
+            store.fail_next_intake();
+            go.send(()).unwrap();
+            held.await.unwrap().unwrap();
+            if let Some(first) = first {
+                assert!(
+                    first.await.is_err(),
+                    "{key}: the first request's write failed"
+                );
+            }
+            let receipts = repeat.await.unwrap();
+            for r in &receipts {
+                assert!(
+                    store.event(&r.id).unwrap().is_some(),
+                    "{key}: {r:?} is stored"
+                );
+            }
+            assert_ne!(receipts[0].id, receipts[1].id);
+            assert_eq!(
+                store.idempotency(key).unwrap().map(|r| r.event_id),
+                Some(receipts[0].id),
+                "{key}: the key names the repeat's event"
+            );
+            let again = intake.accept(vec![keyed(key)]).await.unwrap();
+            assert_eq!(again[0].id, receipts[0].id, "{key}: a later repeat");
         }
-        // Nothing is stored for the key: sending it again makes the event.
-        let again = intake.accept(vec![event()]).await.unwrap();
-        assert_eq!(store.event(&again[0].id).unwrap().unwrap().id, again[0].id);
         dispatcher.shutdown().await;
     }
 }

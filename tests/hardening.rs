@@ -381,6 +381,13 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    let receipt: Value = r.json().await.unwrap();
+    let event_id = receipt["events"][0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let delivery = webhook_dispatcher::store::delivery_id(&event_id, 0);
     rx.wait_requests(1, WAIT).await;
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -416,9 +423,16 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         .unwrap_or_else(|e| panic!("intake after SIGTERM on the kept-alive connection: {e}"));
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
-    // Not ready, and no attempts promised now: health and recover say so too.
+    // Not ready, and no attempts promised now: health, redeliver and recover say so too.
     let r = kept.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
+    let r = kept
+        .post(format!("{base}/v1/deliveries/{delivery}/redeliver"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
     let r = kept
         .post(format!(
             "{base}/v1/subscriptions/{}/recover",

@@ -24,9 +24,7 @@ impl From<IntakeError> for ApiError {
             IntakeError::BatchTooLarge { .. } | IntakeError::EventTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
-            IntakeError::ShuttingDown
-            | IntakeError::Overloaded(_)
-            | IntakeError::FirstNotStored(_) => {
+            IntakeError::ShuttingDown | IntakeError::Overloaded(_) => {
                 let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 err.retry_after = Some(5);
                 err

@@ -144,13 +144,14 @@ pub fn parse_json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|b| *b != b'{') {
         // Invalid JSON is said first (`[1,`), then the kind of value it is.
-        // Not an object: it does not start with `{`.
         let kind = match parse_json::<serde_json::Value>(bytes)? {
             serde_json::Value::Array(_) => "an array",
             serde_json::Value::String(_) => "a string",
             serde_json::Value::Number(_) => "a number",
             serde_json::Value::Bool(_) => "a boolean",
-            _ => "null",
+            serde_json::Value::Null => "null",
+            // Not reached (it does not start with `{`); parsed as the object it would be.
+            serde_json::Value::Object(_) => return parse_json(bytes),
         };
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

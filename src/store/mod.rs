@@ -708,20 +708,23 @@ impl Store {
 
     /// Forgets idempotency keys recorded before `cutoff_ms`, at most `max`.
     pub fn purge_idempotency(&self, cutoff_ms: u64, max: usize) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
         let mut n = 0;
         for r in self.tree.scan_prefix([IDEMPOTENCY]) {
             let (k, v) = r?;
             let rec: IdempotencyRecord = decode(&k, &v)?;
             if rec.at < cutoff_ms {
-                batch.remove(k);
-                n += 1;
+                // Only the record read: intake may have given the key to a new event since (the
+                // writer, on its own thread), and that record stays.
+                let removed = self
+                    .tree
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_ok();
+                n += usize::from(removed);
                 if n >= max {
                     break;
                 }
             }
         }
-        self.tree.apply_batch(batch)?;
         Ok(n)
     }
 
@@ -1339,6 +1342,35 @@ impl Durable {
             Err(_) => Err(StoreError::WriterGone),
         }
     }
+
+    /// The same answer, for several to wait for; it comes whether or not any of them waits.
+    pub fn shared(self) -> SharedDurable {
+        let answer: futures_util::future::BoxFuture<'static, Result<(), String>> =
+            Box::pin(async move {
+                match self.0.await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(StoreError::WriterGone.to_string()),
+                }
+            });
+        SharedDurable(futures_util::FutureExt::shared(answer))
+    }
+}
+
+/// A [`Durable`] several may wait for: a request and a repeat of it that waits for its write.
+#[derive(Clone)]
+pub struct SharedDurable(
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), String>>>,
+);
+
+impl SharedDurable {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        self.0.await.map_err(|msg| writer_error(&msg))
+    }
+
+    /// Whether the writer has answered.
+    pub fn answered(&self) -> bool {
+        self.0.peek().is_some()
+    }
 }
 
 /// How long opening retries while another process holds the database's lock: one that is just
@@ -1888,7 +1920,7 @@ impl Writer {
             self.newest = self.newest.max(latest);
         }
         #[cfg(test)]
-        let applied = if std::mem::take(&mut self.claims().fail_next_intake) {
+        let applied = if changes.keys > 0 && std::mem::take(&mut self.claims().fail_next_intake) {
             changes.refused("a write refused for a test")
         } else {
             changes.apply(&self.tree)
