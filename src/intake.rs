@@ -132,6 +132,22 @@ impl PendingKeys {
     }
 }
 
+/// The writer's answer to an intake request: shared when a repeat of one of its keys may wait
+/// for it too.
+enum Answer {
+    One(store::Durable),
+    Shared(store::SharedDurable),
+}
+
+impl Answer {
+    async fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Answer::One(d) => d.wait().await,
+            Answer::Shared(d) => d.wait().await,
+        }
+    }
+}
+
 /// How long an event's idempotency key is remembered (SPEC §4).
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -263,7 +279,7 @@ impl Intake {
             // Events with an idempotency key check and record it under one lock, so that two
             // requests with the same key cannot both create deliveries. The lock is released
             // before any wait (the block's end).
-            let decided: Result<store::SharedDurable, Vec<store::SharedDurable>> = 'decide: {
+            let decided: Result<Answer, Vec<store::SharedDurable>> = 'decide: {
                 let mut pending =
                     keyed.then(|| self.idempotency.lock().expect("idempotency lock poisoned"));
                 // A key another request has queued and the writer not yet answered: wait for that
@@ -347,11 +363,16 @@ impl Intake {
                     primes.push((event_id, event, subs));
                 }
                 // Queued under the gate: a subscription deleted after this is cleaned up after it.
-                let durable = self.store.accept(&items, &keys, &held_at)?.shared();
-                if let Some(pending) = pending.as_mut() {
-                    pending.insert(&keys, &durable);
+                let durable = self.store.accept(&items, &keys, &held_at)?;
+                // Shared only when a repeat may wait for it too (an allocation otherwise saved).
+                match pending.as_mut() {
+                    Some(pending) if !keys.is_empty() => {
+                        let shared = durable.shared();
+                        pending.insert(&keys, &shared);
+                        Ok(Answer::Shared(shared))
+                    }
+                    _ => Ok(Answer::One(durable)),
                 }
-                Ok(durable)
             };
             match decided {
                 Ok(durable) => break durable,
