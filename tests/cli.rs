@@ -129,6 +129,13 @@ fn storage(dir: &Path) -> String {
     )
 }
 
+/// `dispatcher serve --config CONFIG`, expected to stop by itself (a refused start).
+fn serve_refused(dir: &Path, config: &Path) -> Run {
+    let mut cmd = dispatcher(dir);
+    cmd.args(["serve", "--config"]).arg(config);
+    run(cmd, dir)
+}
+
 fn check_config(dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Run {
     let mut cmd = dispatcher(dir);
     cmd.arg("check-config");
@@ -381,9 +388,7 @@ fn serve_names_storage_it_cannot_open() {
     let first = common::binary_config(dir.path(), "");
     let (_running, _) = common::start_binary(&first, Stdio::null());
     // The same storage, another port.
-    let mut cmd = dispatcher(dir.path());
-    cmd.args(["serve", "--config"]).arg(&first);
-    let held = run(cmd, dir.path());
+    let held = serve_refused(dir.path(), &first);
     assert_eq!(held.code(), Some(1), "{held}");
     let db = dir.path().join("db.sled").display().to_string();
     assert!(
@@ -401,9 +406,7 @@ fn serve_names_storage_it_cannot_open() {
         "nowhere.toml",
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"/proc/nope/db.sled\"\n",
     );
-    let mut cmd = dispatcher(dir.path());
-    cmd.args(["serve", "--config"]).arg(&config);
-    let nowhere = run(cmd, dir.path());
+    let nowhere = serve_refused(dir.path(), &config);
     assert_eq!(nowhere.code(), Some(1), "{nowhere}");
     assert_eq!(
         nowhere.stderr.trim(),
@@ -420,9 +423,7 @@ fn serve_refuses_a_public_listen_address_without_tokens() {
         "public.toml",
         &format!("[server]\nlisten = \"0.0.0.0:0\"\n{}", storage(dir.path())),
     );
-    let mut cmd = dispatcher(dir.path());
-    cmd.args(["serve", "--config"]).arg(&config);
-    let run = run(cmd, dir.path());
+    let run = serve_refused(dir.path(), &config);
     assert_ne!(run.code(), Some(0), "{run}");
     assert!(run.code().is_some(), "died by a signal: {run}");
     assert!(run.stderr.contains("tokens"), "{run}");

@@ -389,10 +389,7 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         .unwrap();
     let delivery = webhook_dispatcher::store::delivery_id(&event_id, 0);
     rx.wait_requests(1, WAIT).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill");
+    common::sigterm(&child);
 
     // A new connection each time, until intake is closed (a 202 before that is a fair answer).
     let refused = wait_for_async("intake to answer 503", WAIT, || async {

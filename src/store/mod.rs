@@ -2009,6 +2009,17 @@ fn write_one(tree: &sled::Tree, (k, v): KeyWrite) -> Result<(), sled::Error> {
 }
 
 impl Changes {
+    /// What [`Changes::apply`] gives when its first write fails: nothing written (tests).
+    #[cfg(test)]
+    fn refused(self, error: &str) -> Applied {
+        Applied {
+            ranks: (0..self.singles.len()).collect(),
+            singles: 0,
+            batch: false,
+            error: Some(error.to_string()),
+        }
+    }
+
     fn put(&mut self, mut writes: Vec<KeyWrite>) -> Slot {
         self.keys += writes.len();
         match writes.len() {
@@ -2072,19 +2083,6 @@ impl Changes {
             }
         }
         applied
-    }
-}
-
-impl Changes {
-    /// What [`Changes::apply`] gives when its first write fails: nothing written (tests).
-    #[cfg(test)]
-    fn refused(self, error: &str) -> Applied {
-        Applied {
-            ranks: (0..self.singles.len()).collect(),
-            singles: 0,
-            batch: false,
-            error: Some(error.to_string()),
-        }
     }
 }
 

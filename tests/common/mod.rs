@@ -523,12 +523,18 @@ pub fn start_binary(config: &std::path::Path, stderr: std::process::Stdio) -> (B
     (child, format!("http://{addr}"))
 }
 
-/// Sends the real binary SIGTERM and waits (at most 10 s) for it to exit 0.
-pub async fn stop_binary(child: &mut Binary) {
-    std::process::Command::new("kill")
+/// Sends the real binary SIGTERM.
+pub fn sigterm(child: &Binary) {
+    let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("run kill");
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+}
+
+/// Sends the real binary SIGTERM and waits (at most 10 s) for it to exit 0.
+pub async fn stop_binary(child: &mut Binary) {
+    sigterm(child);
     let status = wait_for(
         "the daemon to exit after SIGTERM",
         Duration::from_secs(10),
