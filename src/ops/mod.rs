@@ -3,4 +3,5 @@
 pub mod log;
 pub mod metrics;
 pub mod retention;
+pub mod sched;
 pub mod stream;

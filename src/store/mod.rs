@@ -521,7 +521,14 @@ impl Store {
         };
         let thread = std::thread::Builder::new()
             .name("sled-writer".into())
-            .spawn(move || writer.run(wrx))
+            .spawn(move || {
+                // Every intake answer waits for this thread's flush: when it wakes on a busy
+                // machine, it should run before threads that only want their share.
+                if let Err(e) = crate::ops::sched::short_slice() {
+                    tracing::debug!(error = %e, "the writer thread keeps the default time slice");
+                }
+                writer.run(wrx)
+            })
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
             .thread()
             .clone();
