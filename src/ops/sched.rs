@@ -97,9 +97,9 @@ pub fn short_slice() -> std::io::Result<()> {
 }
 
 /// The time slice of thread `tid` in ns as the kernel reports it: 0 from kernels that keep no
-/// slice per thread (before 6.12).
-#[cfg(target_os = "linux")]
-pub fn slice_of(tid: i32) -> std::io::Result<u64> {
+/// slice per thread (before 6.12). For the tests: the daemon only sets it.
+#[cfg(all(test, target_os = "linux"))]
+fn slice_of(tid: i32) -> std::io::Result<u64> {
     Ok(get_attr(tid)?.sched_runtime)
 }
 
