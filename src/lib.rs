@@ -72,8 +72,19 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Opens storage, resumes what was in flight when the process last stopped, and starts the
-    /// delivery engine. Must be called inside a Tokio runtime.
+    /// delivery engine. Must be called inside a Tokio runtime, which runs the engine as well.
     pub async fn start(config: Config) -> Result<Dispatcher, StartError> {
+        Self::start_on(config, tokio::runtime::Handle::current()).await
+    }
+
+    /// Like [`start`](Self::start), with the delivery engine (its lanes, their attempts and
+    /// connections) on the runtime of `delivery`, so that its tasks do not share worker threads
+    /// and task queues with the API's connections. The `dispatcher` binary runs it so (README,
+    /// Design: "Two runtimes").
+    pub async fn start_on(
+        config: Config,
+        delivery: tokio::runtime::Handle,
+    ) -> Result<Dispatcher, StartError> {
         if config.api.tokens.is_empty() && !config.server.listen.ip().is_loopback() {
             return Err(StartError::Unprotected(config.server.listen));
         }
@@ -118,6 +129,7 @@ impl Dispatcher {
                 max_retry_after: config.delivery.max_retry_after,
                 account,
                 disable: config.disable.clone(),
+                runtime: delivery,
             },
             stream,
             metrics.clone(),

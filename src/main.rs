@@ -124,8 +124,21 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     // Dropped last: the lines still queued are written out after the runtime has stopped, if
     // stderr takes them within about a second.
     let _log = init_logging(&config)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(config))
+    // The API and the delivery engine run on runtimes of their own (README, Design: "Two
+    // runtimes"), each with a worker thread per CPU (or `TOKIO_WORKER_THREADS`).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("api")
+        .enable_all()
+        .build()?;
+    let delivery = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("delivery")
+        .enable_all()
+        .build()?;
+    let served = rt.block_on(serve(config, delivery.handle().clone()));
+    // The engine has stopped by now (or never started); a DNS lookup still in its blocking pool
+    // does not hold the exit.
+    delivery.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// Log lines go to stderr through a thread of their own (see `ops::log`); the guard writes out
@@ -181,9 +194,9 @@ async fn report_dropped_log_lines() {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, delivery: tokio::runtime::Handle) -> anyhow::Result<()> {
     let addr = config.server.listen;
-    let dispatcher = Dispatcher::start(config).await?;
+    let dispatcher = Dispatcher::start_on(config, delivery).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

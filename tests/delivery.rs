@@ -431,3 +431,108 @@ async fn the_embedded_emitter_has_the_same_promise() {
     let (_, list) = server.get("/v1/deliveries").await;
     assert_eq!(list["deliveries"].as_array().unwrap().len(), 1);
 }
+
+/// `Dispatcher::start_on` runs the engine (its lanes, their workers and their connections' tasks)
+/// on the runtime it is given, the API on the caller's.
+#[test]
+fn the_engine_runs_on_the_runtime_it_is_given() {
+    let delivery = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    api.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        // One slot: one worker and one connection.
+        let server = TestServer::start_in_on(
+            dir,
+            "[delivery]\nallow_private = [\"127.0.0.0/8\"]\nper_subscription = 1\n",
+            delivery.handle().clone(),
+        )
+        .await;
+        let rx = Receiver::start(200).await;
+        server
+            .subscribe(json!({"url": rx.url("/hook"), "events": ["add_lead"]}))
+            .await;
+        for id in 0..5 {
+            server
+                .emit(json!({"event": "add_lead", "data": {"id": id}}))
+                .await;
+        }
+        rx.wait_requests(5, WAIT).await;
+        assert_eq!(rx.connections(), 1);
+        // The lane, its one worker and its connection's task (the connection is kept alive).
+        assert_eq!(delivery.metrics().num_alive_tasks(), 3);
+        server.stop().await;
+    });
+    delivery.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The real binary runs its attempts on threads of their own, named `delivery` (its API on threads
+/// named `api`): they run while events are delivered.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_binary_delivers_on_its_delivery_threads() {
+    /// Nanoseconds on a CPU of the daemon's threads named `name`, and how many there are.
+    fn run_ns(pid: u32, name: &str) -> (u64, usize) {
+        let mut total = (0, 0);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
+            total.0 += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+            total.1 += 1;
+        }
+        total
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::binary_config(dir.path(), "");
+    let rx = Receiver::start(200).await;
+    let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/subscriptions"))
+        .body(json!({"url": rx.url("/hook"), "events": ["add_lead"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pid = child.id();
+    // Whatever the delivery threads did while the daemon started (the lanes' start) is behind.
+    common::wait_for("the delivery threads to settle", WAIT, || {
+        let before = run_ns(pid, "delivery");
+        std::thread::sleep(Duration::from_millis(50));
+        (run_ns(pid, "delivery") == before).then_some(())
+    })
+    .await;
+    let (before, threads) = run_ns(pid, "delivery");
+    assert!(threads >= 1, "no thread named `delivery`");
+    assert!(run_ns(pid, "api").1 >= 1, "no thread named `api`");
+    for id in 0..50 {
+        let r = http
+            .post(format!("{base}/v1/events"))
+            .body(json!({"event": "add_lead", "data": {"id": id}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    rx.wait_requests(50, WAIT).await;
+    let (after, _) = run_ns(pid, "delivery");
+    common::stop_binary(&mut child).await;
+    assert!(
+        after > before,
+        "the delivery threads did not run while 50 events were delivered"
+    );
+}

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-/// The settings of the engine, from `[delivery]` and `[account]`.
+/// The settings of the engine, from `[delivery]` and `[account]`, and the runtime it runs on.
 pub struct EngineSettings {
     pub timeout: Duration,
     pub concurrency: usize,
@@ -51,6 +51,8 @@ pub struct EngineSettings {
     pub account: Map<String, Value>,
     /// The disable rule: more than `threshold` failed attempts within `window`.
     pub disable: DisableConfig,
+    /// The runtime the lanes and their workers (so the attempts and their connections) run on.
+    pub runtime: tokio::runtime::Handle,
 }
 
 struct Lane {
@@ -147,7 +149,7 @@ impl Engine {
     /// deliveries it counts can end while it runs.
     pub fn start(self: &Arc<Self>, started_ms: u64) {
         let engine = self.clone();
-        tokio::spawn(async move {
+        self.settings.runtime.spawn(async move {
             let store = engine.store.clone();
             let pending =
                 tokio::task::spawn_blocking(move || store.count_pending_before(started_ms))
@@ -195,8 +197,10 @@ impl Engine {
         let engine = self.clone();
         let (wake, stop, id) = (lane.wake.clone(), lane.stop.clone(), *id);
         lanes.insert(id, lane);
-        self.lane_tasks
-            .spawn(async move { engine.run_lane(id, wake, stop).await });
+        self.lane_tasks.spawn_on(
+            async move { engine.run_lane(id, wake, stop).await },
+            &self.settings.runtime,
+        );
     }
 
     /// Wakes the lane of a subscription (a due entry was added).
@@ -340,8 +344,10 @@ impl Engine {
         {
             workers.started.fetch_add(1, SeqCst);
             let (engine, workers, wake) = (self.clone(), workers.clone(), wake.clone());
-            self.attempts
-                .spawn(async move { engine.work(workers, wake).await });
+            self.attempts.spawn_on(
+                async move { engine.work(workers, wake).await },
+                &self.settings.runtime,
+            );
         } else {
             workers.ready.notify_one();
         }

@@ -283,6 +283,16 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> TestServer {
+        TestServer::start_in_on(dir, extra, tokio::runtime::Handle::current()).await
+    }
+
+    /// Like `start_in`, with the delivery engine on `delivery`'s runtime
+    /// (`Dispatcher::start_on`).
+    pub async fn start_in_on(
+        dir: tempfile::TempDir,
+        extra: &str,
+        delivery: tokio::runtime::Handle,
+    ) -> TestServer {
         let toml = TestServer::config_toml(dir.path(), extra);
         let config = Config::from_toml_str(&toml, &[])
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
@@ -291,7 +301,7 @@ impl TestServer {
         // `Store::open` itself waits).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let dispatcher = loop {
-            match Dispatcher::start(config.clone()).await {
+            match Dispatcher::start_on(config.clone(), delivery.clone()).await {
                 Ok(d) => break d,
                 Err(e)
                     if e.to_string().contains("could not acquire lock")
