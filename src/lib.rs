@@ -6,8 +6,9 @@
 //! deliveries lane by lane, encodes each with its subscription's [`payload`] format, POSTs it, and
 //! writes the outcome and the next due time its retry policy gives. [`api`] is the HTTP surface.
 //!
-//! Embedding: [`Dispatcher::start`] runs the whole daemon inside a Rust program, and
-//! [`Dispatcher::emitter`] hands out the in-process intake handle.
+//! Embedding: [`Dispatcher::start`] runs the whole daemon inside a Rust program (on its runtime;
+//! [`Dispatcher::start_on`] puts the delivery engine on another), and [`Dispatcher::emitter`]
+//! hands out the in-process intake handle.
 
 pub mod api;
 pub mod config;
