@@ -82,6 +82,11 @@ impl Dispatcher {
     /// connections) on the runtime of `delivery`, so that its tasks do not share worker threads
     /// and task queues with the API's connections. The `dispatcher` binary runs it so (README,
     /// Design: "Two runtimes").
+    ///
+    /// That runtime must have time and I/O enabled (`enable_all`), be driven (a multi-thread
+    /// runtime, or a current-thread one that a thread keeps in `block_on`), and outlive
+    /// [`shutdown`](Self::shutdown): a task spawned on a runtime that has shut down is dropped
+    /// without a word, so its deliveries would wait until the next start.
     pub async fn start_on(
         config: Config,
         delivery: tokio::runtime::Handle,

@@ -135,9 +135,11 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = rt.block_on(serve(config, delivery.handle().clone()));
-    // The engine has stopped by now (or never started); a DNS lookup still in its blocking pool
-    // does not hold the exit.
+    // The attempts in flight had their grace (`Dispatcher::serve`) and storage is flushed, unless
+    // serving failed to start; what is left (an attempt past its grace, a blocking DNS lookup)
+    // does not hold the exit for more than a second.
     delivery.shutdown_timeout(std::time::Duration::from_secs(1));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     served
 }
 

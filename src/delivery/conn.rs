@@ -271,6 +271,7 @@ where
         .map_err(ConnectError::Handshake)?;
     let idle_since = Arc::new(Mutex::new(None::<Instant>));
     let idle = idle_since.clone();
+    // On the runtime of the engine: connections are made only by its lanes' workers.
     let driver = tokio::spawn(async move {
         let mut connection = std::pin::pin!(connection);
         loop {
