@@ -510,13 +510,12 @@ async fn the_binary_delivers_on_its_delivery_threads() {
     let rx = Receiver::start(200).await;
     let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/v1/subscriptions"))
-        .body(json!({"url": rx.url("/hook"), "events": ["add_lead"]}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    common::subscribe_binary(
+        &http,
+        &base,
+        json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
+    )
+    .await;
     let pid = child.id();
     let Some(api) = run_ns(pid, "api") else {
         eprintln!("skipped: this kernel keeps no /proc/<pid>/task/<tid>/schedstat");

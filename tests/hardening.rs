@@ -365,14 +365,13 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
     let (mut child, base) =
         common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
     let kept = reqwest::Client::new();
-    let r = kept
-        .post(format!("{base}/v1/subscriptions"))
-        .body(json!({"url": rx.url("/"), "events": ["add_lead"]}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let sub: Value = r.json().await.unwrap();
+    // On the client that keeps its connection for the checks below.
+    let sub = common::subscribe_binary(
+        &kept,
+        &base,
+        json!({"url": rx.url("/"), "events": ["add_lead"]}),
+    )
+    .await;
     let event = json!({"event": "add_lead", "data": {"id": 1}}).to_string();
     let r = kept
         .post(format!("{base}/v1/events"))

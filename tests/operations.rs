@@ -452,23 +452,17 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
     let (mut child, base) =
         common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
     let http = reqwest::Client::new();
-    let sub: Value = http
-        .post(format!("{base}/v1/subscriptions"))
-        .body(
-            json!({
-                "url": rx.url("/hooks/PATHKEY123?api_key=QUERYKEY456"),
-                "events": ["add_lead"],
-                "headers": {"Authorization": "Bearer HEADERSECRET789"},
-                "retry": "once",
-            })
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sub = common::subscribe_binary(
+        &http,
+        &base,
+        json!({
+            "url": rx.url("/hooks/PATHKEY123?api_key=QUERYKEY456"),
+            "events": ["add_lead"],
+            "headers": {"Authorization": "Bearer HEADERSECRET789"},
+            "retry": "once",
+        }),
+    )
+    .await;
     let secret = sub["secret"].as_str().unwrap().to_string();
     let r = http
         .post(format!("{base}/v1/events"))
@@ -530,13 +524,12 @@ async fn deliveries_go_on_while_nobody_reads_stderr_and_its_lines_come_out_later
     // Held, not read: the pipe stays open and fills up.
     let stderr = child.stderr.take().expect("stderr is piped");
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/v1/subscriptions"))
-        .body(json!({"url": rx.url("/hook"), "events": ["add_lead"]}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    common::subscribe_binary(
+        &http,
+        &base,
+        json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
+    )
+    .await;
     for batch in 0..EVENTS / 1_000 {
         let events: Vec<Value> = (0..1_000)
             .map(|i| json!({"event": "add_lead", "data": {"id": batch * 1_000 + i}}))

@@ -533,6 +533,19 @@ pub fn start_binary(config: &std::path::Path, stderr: std::process::Stdio) -> (B
     (child, format!("http://{addr}"))
 }
 
+/// Creates a subscription on the real binary at `base` through `http` (the caller's client, so a
+/// test may keep its connection alive); panics unless 201. Returns the subscription.
+pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
+    let r = http
+        .post(format!("{base}/v1/subscriptions"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "subscribe failed");
+    r.json().await.unwrap()
+}
+
 /// Sends the real binary SIGTERM.
 pub fn sigterm(child: &Binary) {
     let status = std::process::Command::new("kill")
