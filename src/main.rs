@@ -198,10 +198,13 @@ async fn report_dropped_log_lines() {
 
 async fn serve(config: Config, delivery: tokio::runtime::Handle) -> anyhow::Result<()> {
     let addr = config.server.listen;
-    let dispatcher = Dispatcher::start_on(config, delivery).await?;
+    // Bound before anything starts: a daemon that cannot listen leaves storage unopened, where
+    // started first its lanes could have begun attempts that the exit would then cut off. The
+    // address has passed `Config::validate` (no public address without tokens) in `Config::load`.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let dispatcher = Dispatcher::start_on(config, delivery).await?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "dispatcher serving");
     tokio::spawn(report_dropped_log_lines());

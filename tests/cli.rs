@@ -415,6 +415,33 @@ fn serve_names_storage_it_cannot_open() {
     );
 }
 
+/// A port that is taken: the daemon says so and exits before it opens storage, so no lane of
+/// it starts an attempt that its exit would cut off.
+#[test]
+fn serve_that_cannot_listen_opens_no_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = write(
+        dir.path(),
+        "taken.toml",
+        &format!("[server]\nlisten = \"{addr}\"\n{}", storage(dir.path())),
+    );
+    let run = serve_refused(dir.path(), &config);
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(
+        run.stderr
+            .starts_with(&format!("dispatcher: cannot listen on {addr}: ")),
+        "{run}"
+    );
+    assert!(!run.stdout.contains("listening on"), "it listened: {run}");
+    assert!(
+        !dir.path().join("db.sled").exists(),
+        "storage was opened: {run}"
+    );
+    run.assert_no_panic();
+}
+
 #[test]
 fn serve_refuses_a_public_listen_address_without_tokens() {
     let dir = tempfile::tempdir().unwrap();
