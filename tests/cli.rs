@@ -136,6 +136,12 @@ fn serve_refused(dir: &Path, config: &Path) -> Run {
     run(cmd, dir)
 }
 
+/// `serve_refused` with storage in `dir` and `server.listen = LISTEN`.
+fn serve_listening_on(dir: &Path, listen: &str) -> Run {
+    let config = format!("[server]\nlisten = \"{listen}\"\n{}", storage(dir));
+    serve_refused(dir, &write(dir, "listen.toml", &config))
+}
+
 fn check_config(dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Run {
     let mut cmd = dispatcher(dir);
     cmd.arg("check-config");
@@ -422,12 +428,7 @@ fn serve_that_cannot_listen_opens_no_storage() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let config = write(
-        dir.path(),
-        "taken.toml",
-        &format!("[server]\nlisten = \"{addr}\"\n{}", storage(dir.path())),
-    );
-    let run = serve_refused(dir.path(), &config);
+    let run = serve_listening_on(dir.path(), &addr.to_string());
     assert_eq!(run.code(), Some(1), "{run}");
     assert!(
         run.stderr
@@ -445,12 +446,7 @@ fn serve_that_cannot_listen_opens_no_storage() {
 #[test]
 fn serve_refuses_a_public_listen_address_without_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "public.toml",
-        &format!("[server]\nlisten = \"0.0.0.0:0\"\n{}", storage(dir.path())),
-    );
-    let run = serve_refused(dir.path(), &config);
+    let run = serve_listening_on(dir.path(), "0.0.0.0:0");
     assert_ne!(run.code(), Some(0), "{run}");
     assert!(run.code().is_some(), "died by a signal: {run}");
     assert!(run.stderr.contains("tokens"), "{run}");
