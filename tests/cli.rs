@@ -443,14 +443,26 @@ fn serve_that_cannot_listen_opens_no_storage() {
     run.assert_no_panic();
 }
 
+/// Refused before anything is bound or opened: the test holds the port on loopback, so a bind
+/// of the public address would fail first, with `cannot listen`.
 #[test]
 fn serve_refuses_a_public_listen_address_without_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let run = serve_listening_on(dir.path(), "0.0.0.0:0");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let run = serve_listening_on(dir.path(), &format!("0.0.0.0:{port}"));
     assert_ne!(run.code(), Some(0), "{run}");
     assert!(run.code().is_some(), "died by a signal: {run}");
     assert!(run.stderr.contains("tokens"), "{run}");
+    assert!(
+        !run.stderr.contains("cannot listen"),
+        "it tried to bind: {run}"
+    );
     assert!(!run.stdout.contains("listening on"), "it listened: {run}");
+    assert!(
+        !dir.path().join("db.sled").exists(),
+        "storage was opened: {run}"
+    );
     run.assert_no_panic();
 }
 
