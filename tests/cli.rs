@@ -136,6 +136,13 @@ fn serve_refused(dir: &Path, config: &Path) -> Run {
     run(cmd, dir)
 }
 
+/// A refused `serve` that neither listened nor opened its storage in `dir`, without a panic.
+fn assert_opened_nothing(dir: &Path, run: &Run) {
+    assert!(!run.stdout.contains("listening on"), "it listened: {run}");
+    assert!(!dir.join("db.sled").exists(), "storage was opened: {run}");
+    run.assert_no_panic();
+}
+
 /// `serve_refused` with storage in `dir` and `server.listen = LISTEN`.
 fn serve_listening_on(dir: &Path, listen: &str) -> Run {
     let config = format!("[server]\nlisten = \"{listen}\"\n{}", storage(dir));
@@ -435,12 +442,7 @@ fn serve_that_cannot_listen_opens_no_storage() {
             .starts_with(&format!("dispatcher: cannot listen on {addr}: ")),
         "{run}"
     );
-    assert!(!run.stdout.contains("listening on"), "it listened: {run}");
-    assert!(
-        !dir.path().join("db.sled").exists(),
-        "storage was opened: {run}"
-    );
-    run.assert_no_panic();
+    assert_opened_nothing(dir.path(), &run);
 }
 
 /// Refused before anything is bound or opened: the test holds the port on loopback, so a bind
@@ -458,12 +460,7 @@ fn serve_refuses_a_public_listen_address_without_tokens() {
         !run.stderr.contains("cannot listen"),
         "it tried to bind: {run}"
     );
-    assert!(!run.stdout.contains("listening on"), "it listened: {run}");
-    assert!(
-        !dir.path().join("db.sled").exists(),
-        "storage was opened: {run}"
-    );
-    run.assert_no_panic();
+    assert_opened_nothing(dir.path(), &run);
 }
 
 #[test]
