@@ -506,16 +506,8 @@ async fn the_binary_delivers_on_its_delivery_threads() {
         Some(threads)
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = common::binary_config(dir.path(), "");
-    let rx = Receiver::start(200).await;
-    let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
-    let http = reqwest::Client::new();
-    common::subscribe_binary(
-        &http,
-        &base,
-        json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
-    )
-    .await;
+    let (mut child, base, rx, http) =
+        common::binary_subscribed(dir.path(), std::process::Stdio::null()).await;
     let pid = child.id();
     let Some(api) = run_ns(pid, "api") else {
         eprintln!("skipped: this kernel keeps no /proc/<pid>/task/<tid>/schedstat");

@@ -518,18 +518,10 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
 async fn deliveries_go_on_while_nobody_reads_stderr_and_its_lines_come_out_later() {
     const EVENTS: usize = 2_000;
     let dir = tempfile::tempdir().unwrap();
-    let config = common::binary_config(dir.path(), "");
-    let rx = Receiver::start(200).await;
-    let (mut child, base) = common::start_binary(&config, std::process::Stdio::piped());
+    let (mut child, base, rx, http) =
+        common::binary_subscribed(dir.path(), std::process::Stdio::piped()).await;
     // Held, not read: the pipe stays open and fills up.
     let stderr = child.stderr.take().expect("stderr is piped");
-    let http = reqwest::Client::new();
-    common::subscribe_binary(
-        &http,
-        &base,
-        json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
-    )
-    .await;
     for batch in 0..EVENTS / 1_000 {
         let events: Vec<Value> = (0..1_000)
             .map(|i| json!({"event": "add_lead", "data": {"id": batch * 1_000 + i}}))

@@ -533,6 +533,26 @@ pub fn start_binary(config: &std::path::Path, stderr: std::process::Stdio) -> (B
     (child, format!("http://{addr}"))
 }
 
+/// The real binary on a default config in `dir` (stderr into `stderr`), with one subscription
+/// to `add_lead` at a receiver answering 200. Returns the binary, its base URL, the receiver and
+/// the client that subscribed.
+pub async fn binary_subscribed(
+    dir: &std::path::Path,
+    stderr: std::process::Stdio,
+) -> (Binary, String, Receiver, reqwest::Client) {
+    let config = binary_config(dir, "");
+    let rx = Receiver::start(200).await;
+    let (child, base) = start_binary(&config, stderr);
+    let http = reqwest::Client::new();
+    subscribe_binary(
+        &http,
+        &base,
+        serde_json::json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
+    )
+    .await;
+    (child, base, rx, http)
+}
+
 /// Creates a subscription on the real binary at `base` through `http` (the caller's client, so a
 /// test may keep its connection alive); panics unless 201. Returns the subscription.
 pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
