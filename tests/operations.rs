@@ -510,6 +510,101 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
     }
 }
 
+/// The real binary's stderr once it delivered one `add_lead` and stopped, `log.level` = `level`.
+async fn stderr_after_one_delivery(level: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::binary_config(dir.path(), &format!("[log]\nlevel = {level:?}\n"));
+    let rx = Receiver::start(200).await;
+    let stderr_path = dir.path().join("stderr.log");
+    let (mut child, base) =
+        common::start_binary(&config, std::fs::File::create(&stderr_path).unwrap().into());
+    let http = reqwest::Client::new();
+    common::subscribe_binary(
+        &http,
+        &base,
+        json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
+    )
+    .await;
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .body(json!({"event": "add_lead", "data": {"id": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let delivery = rx.wait_requests(1, WAIT).await[0].header("webhook-id");
+    // Delivered means logged: the line is queued before the outcome is written.
+    wait_for_async("the delivery to be delivered", WAIT, || {
+        let (http, url) = (&http, format!("{base}/v1/deliveries/{delivery}"));
+        async move {
+            let d = http
+                .get(url)
+                .send()
+                .await
+                .ok()?
+                .json::<Value>()
+                .await
+                .ok()?;
+            (d["status"] == "delivered").then_some(())
+        }
+    })
+    .await;
+    // Exiting writes out what is queued.
+    common::stop_binary(&mut child).await;
+    std::fs::read_to_string(&stderr_path).unwrap()
+}
+
+/// Attempt lines follow `log.level` by their target, `webhook_dispatcher::delivery`, and are
+/// `tracing`'s text lines.
+#[tokio::test]
+async fn attempt_lines_follow_the_log_filter() {
+    let quiet = stderr_after_one_delivery("info,webhook_dispatcher::delivery=warn").await;
+    // Its other lines are there: the filter leaves out the delivery module's alone.
+    assert!(
+        quiet.contains(" INFO dispatcher: dispatcher serving"),
+        "{quiet}"
+    );
+    assert!(!quiet.contains(": attempt "), "{quiet}");
+    let log = stderr_after_one_delivery("warn,webhook_dispatcher::delivery=info").await;
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(": attempt ")).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let (stamp, rest) = lines[0].split_once(' ').unwrap();
+    assert!(
+        stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+        "{stamp}"
+    );
+    let rest = rest
+        .strip_prefix(" INFO webhook_dispatcher::delivery: attempt ")
+        .unwrap_or_else(|| panic!("{rest}"));
+    let fields: Vec<(&str, &str)> = rest
+        .split(' ')
+        .map(|f| f.split_once('=').unwrap())
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        names,
+        [
+            "delivery",
+            "subscription",
+            "event",
+            "host",
+            "attempt",
+            "code",
+            "duration_ms",
+            "outcome",
+            "next_attempt_at"
+        ]
+    );
+    let value = |name: &str| fields.iter().find(|(k, _)| *k == name).unwrap().1;
+    assert_eq!(value("event"), "add_lead");
+    assert_eq!(value("host"), "127.0.0.1");
+    assert_eq!(value("attempt"), "1");
+    assert_eq!(value("code"), "200");
+    assert_eq!(value("outcome"), "\"delivered\"");
+    assert_eq!(value("next_attempt_at"), "\"-\"");
+    assert!(value("delivery").parse::<uuid::Uuid>().is_ok());
+}
+
 /// The real binary with its stderr a pipe that nobody reads. Each attempt logs a line; once the
 /// pipe's buffer (64 KiB on Linux, a few hundred lines) is full, a daemon that wrote its lines on
 /// the delivery workers stopped delivering. The lines wait in memory instead, and every one of

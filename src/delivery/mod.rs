@@ -538,18 +538,17 @@ impl Engine {
             DeliveryStatus::Failed => Outcome::Failed,
         };
         let next_attempt_at = d.next_attempt_at.map(crate::api::rfc3339);
-        tracing::info!(
-            delivery = %d.id,
-            subscription = %sub.id,
-            event = %d.event,
-            host = %host,
-            attempt = n,
-            code = outcome.code,
-            duration_ms = outcome.duration.as_millis() as u64,
-            outcome = outcome_kind.as_str(),
-            next_attempt_at = next_attempt_at.as_deref().unwrap_or("-"),
-            "attempt"
-        );
+        crate::ops::attempt_log::attempt(&crate::ops::attempt_log::AttemptLine {
+            delivery: &d.id,
+            subscription: &sub.id,
+            event: &d.event,
+            host: &host,
+            attempt: n,
+            code: outcome.code,
+            duration_ms: outcome.duration.as_millis() as u64,
+            outcome: outcome_kind.as_str(),
+            next_attempt_at: next_attempt_at.as_deref().unwrap_or("-"),
+        });
         // Disable before the next due entry is written, so the lane cannot take it first.
         if let Some(reason) = disable
             && let Err(e) = self

@@ -319,6 +319,12 @@ pub fn flush_stderr(timeout: Duration) {
     }
 }
 
+/// Queues a line (newline included) for the process's stderr writer, as a `tracing` event's line
+/// is queued; `false` when there is no such writer (its line is then not written).
+pub fn push_stderr(line: &[u8]) -> bool {
+    STDERR.get().map(|s| s.push(line)).is_some()
+}
+
 /// Lines the process's stderr writer dropped so far (0 when logging does not go through it, as
 /// in a dispatcher embedded in another program).
 pub fn dropped_lines() -> u64 {
