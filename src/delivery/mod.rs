@@ -214,6 +214,8 @@ impl Engine {
         // Due entries read ahead from the index: one scan serves many attempts. An entry that
         // went meanwhile (its subscription's deletion, a redelivery) fails its claim.
         let mut ahead: VecDeque<store::Due> = VecDeque::new();
+        // Whether sled had none of this lane's due entries when last read, and as of when.
+        let mut scan = store::DueScan::default();
         let workers = Arc::new(Workers {
             jobs: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
@@ -245,10 +247,13 @@ impl Engine {
             };
             let due = match ahead.pop_front() {
                 Some(d) => Ok(Some(d)),
-                None => self.store.due_entries(&id, READ_AHEAD).map(|entries| {
-                    ahead.extend(entries);
-                    ahead.pop_front()
-                }),
+                None => self
+                    .store
+                    .lane_due_entries(&id, READ_AHEAD, &mut scan)
+                    .map(|entries| {
+                        ahead.extend(entries);
+                        ahead.pop_front()
+                    }),
             };
             let due = match due {
                 Ok(d) => d,

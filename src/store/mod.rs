@@ -257,6 +257,32 @@ pub struct Store {
     writer: WriterHandle,
     /// Deliveries whose attempt is in flight; their due entries stay in sled until the outcome.
     claimed: Arc<std::sync::Mutex<Claims>>,
+    due_writes: DueWrites,
+}
+
+/// Counts the writes that may have put due entries into sled, so that a lane that found none of
+/// its own there need not look again until the count moves (see [`DueScan`]). Bumped after
+/// every sled batch and every single write of a due entry, once it is applied.
+#[derive(Clone, Default)]
+struct DueWrites(Arc<std::sync::atomic::AtomicU64>);
+
+impl DueWrites {
+    fn bump(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// What a lane last found of its subscription's due entries in sled: none at all (in flight or
+/// not), as of that count of [`DueWrites`]. Until the count moves, [`Store::lane_due_entries`]
+/// reads only memory: most deliveries never have a due entry in sled, and a scan of an empty
+/// range of the tree costs a walk from its root.
+#[derive(Debug, Default)]
+pub struct DueScan {
+    none_at: Option<u64>,
 }
 
 /// The way to the writer thread. An attempt's outcome is only queued: the writer, once it has
@@ -289,6 +315,18 @@ fn key(prefix: u8, id: &Uuid) -> [u8; 17] {
     k[0] = prefix;
     k[1..].copy_from_slice(id.as_bytes());
     k
+}
+
+/// Due entries of `sub` from (due time, delivery) pairs.
+fn due_list(sub: &Uuid, entries: Vec<(u64, Uuid)>) -> Vec<Due> {
+    entries
+        .into_iter()
+        .map(|(due_ms, delivery)| Due {
+            subscription: *sub,
+            due_ms,
+            delivery,
+        })
+        .collect()
 }
 
 fn due_key(sub: &Uuid, due_ms: u64, delivery: &Uuid) -> [u8; 41] {
@@ -507,11 +545,13 @@ impl Store {
             fresh,
             ..Claims::default()
         }));
+        let due_writes = DueWrites::default();
         let (wtx, wrx) = std::sync::mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
             claimed: claimed.clone(),
+            due_writes: due_writes.clone(),
             changes: 0,
             trimmed: Instant::now(),
             watermark,
@@ -537,6 +577,7 @@ impl Store {
             tree,
             writer: WriterHandle { tx: wtx, thread },
             claimed,
+            due_writes,
         })
     }
 
@@ -641,7 +682,9 @@ impl Store {
                 ended += 1;
             }
         }
-        self.tree.apply_batch(batch)?;
+        let written = self.tree.apply_batch(batch);
+        self.due_writes.bump();
+        written?;
         // The outcomes of attempts in flight find their claimed entries gone: they write nothing.
         let mut claimed = self.claimed_set();
         for did in void {
@@ -980,6 +1023,17 @@ impl Store {
     /// The earliest `max` due entries of a subscription's lane that are not in flight, earliest
     /// first.
     pub fn due_entries(&self, sub: &Uuid, max: usize) -> Result<Vec<Due>, StoreError> {
+        self.lane_due_entries(sub, max, &mut DueScan::default())
+    }
+
+    /// [`Store::due_entries`] for a lane that keeps what it found in sled in `scan`: sled is read
+    /// only if it held some of the subscription's entries then, or may have been given some since.
+    pub fn lane_due_entries(
+        &self,
+        sub: &Uuid,
+        max: usize,
+        scan: &mut DueScan,
+    ) -> Result<Vec<Due>, StoreError> {
         let mut p = [0u8; 17];
         p[0] = DUE;
         p[1..].copy_from_slice(sub.as_bytes());
@@ -990,10 +1044,18 @@ impl Store {
             claims.fresh.earliest(sub, max, |d| claims.held.contains(d))
         };
         let from_memory = out.len();
+        // Read before the scan: a write counted after it may have added what the scan missed.
+        let writes = self.due_writes.count();
+        if scan.none_at == Some(writes) {
+            return Ok(due_list(sub, out));
+        }
+        scan.none_at = Some(writes);
         // Entries in flight keep their place at the front: at most a lane's slots (and the
         // outcomes on their way to the writer) are skipped.
         for r in self.tree.scan_prefix(p) {
             let (k, _) = r?;
+            // One in flight counts: its claim may be let go without a write.
+            scan.none_at = None;
             let delivery = uuid_at(&k, 25);
             if self.is_in_flight(&delivery) {
                 continue;
@@ -1008,14 +1070,7 @@ impl Store {
         out.sort_unstable();
         out.dedup();
         out.truncate(max);
-        Ok(out
-            .into_iter()
-            .map(|(due_ms, delivery)| Due {
-                subscription: *sub,
-                due_ms,
-                delivery,
-            })
-            .collect())
+        Ok(due_list(sub, out))
     }
 
     /// Claims a due entry for an attempt. `false` when it is gone or already claimed.
@@ -1184,7 +1239,9 @@ impl Store {
         d.error = None;
         batch.insert(key(DELIVERY, &d.id).as_slice(), encode_delivery(&d));
         batch.insert(due_key(&d.subscription_id, now_ms, &d.id).as_slice(), EMPTY);
-        self.tree.apply_batch(batch)?;
+        let written = self.tree.apply_batch(batch);
+        self.due_writes.bump();
+        written?;
         Ok(Some(Ok(d)))
     }
 
@@ -1306,7 +1363,9 @@ impl Store {
             }
         }
         if dirty {
-            self.tree.apply_batch(batch)?;
+            let written = self.tree.apply_batch(batch);
+            self.due_writes.bump();
+            written?;
         }
         Ok(step)
     }
@@ -1425,6 +1484,7 @@ struct Writer {
     db: sled::Db,
     tree: sled::Tree,
     claimed: Arc<std::sync::Mutex<Claims>>,
+    due_writes: DueWrites,
     /// Changes applied since memory was last given back.
     changes: usize,
     /// When memory was last given back.
@@ -1709,7 +1769,9 @@ impl Writer {
         let mut batch = sled::Batch::default();
         let spill = self.spill_into(&mut batch);
         if !spill.is_empty() {
-            match self.tree.apply_batch(batch) {
+            let written = self.tree.apply_batch(batch);
+            self.due_writes.bump();
+            match written {
                 Ok(()) => {
                     let fresh = &mut self.claims().fresh;
                     for (sub, due, d) in &spill {
@@ -1848,7 +1910,7 @@ impl Writer {
         results.keys += spill.len();
         results.batched |= !spill.is_empty();
         keys += results.keys;
-        let applied = results.apply(&self.tree);
+        let applied = results.apply(&self.tree, &self.due_writes);
         if let Some(e) = &applied.error {
             tracing::error!(error = %e, "writing to storage failed");
         }
@@ -1930,10 +1992,10 @@ impl Writer {
         let applied = if changes.keys > 0 && std::mem::take(&mut self.claims().fail_next_intake) {
             changes.refused("a write refused for a test")
         } else {
-            changes.apply(&self.tree)
+            changes.apply(&self.tree, &self.due_writes)
         };
         #[cfg(not(test))]
-        let applied = changes.apply(&self.tree);
+        let applied = changes.apply(&self.tree, &self.due_writes);
         if let Some(e) = &applied.error {
             tracing::error!(error = %e, "writing to storage failed");
         }
@@ -2048,11 +2110,25 @@ impl Changes {
         }
     }
 
+    /// [`Changes::apply_all`], then counts the write in `due_writes` if it may have added due
+    /// entries (a batch, or a single write of one).
+    fn apply(self, tree: &sled::Tree, due_writes: &DueWrites) -> Applied {
+        let is_due = |w: &KeyWrite| w.0.first() == Some(&DUE);
+        let due = self.batched
+            || self.first.as_ref().is_some_and(is_due)
+            || self.singles.iter().any(is_due);
+        let applied = self.apply_all(tree);
+        if due {
+            due_writes.bump();
+        }
+        applied
+    }
+
     /// Writes `first`, then the singles in key order (a stable sort: a key written twice keeps
     /// its last value), then the batch. In key order, the singles that land in one leaf of
     /// sled's tree (events and deliveries have ids that grow with time) are applied to one copy
     /// of it, where a write of each on its own copies the leaf for each.
-    fn apply(self, tree: &sled::Tree) -> Applied {
+    fn apply_all(self, tree: &sled::Tree) -> Applied {
         let mut singles: Vec<(usize, KeyWrite)> = self.singles.into_iter().enumerate().collect();
         singles.sort_by(|a, b| a.1.0.cmp(&b.1.0));
         let mut ranks = vec![0; singles.len()];
@@ -2345,6 +2421,47 @@ mod tests {
         // Nothing of them is in memory: a restart need not read them again.
         let newest = events.iter().map(|e| e.id).max().unwrap();
         assert_eq!(watermark(&store), newest);
+    }
+
+    /// A lane reads sled's due index again only once the writer may have added entries to it
+    /// (or it held some of the lane's own, in flight ones included); memory is read every time.
+    #[tokio::test]
+    async fn a_lane_reads_sleds_due_index_again_once_the_writer_may_have_added_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, held) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_ms();
+        let mut scan = DueScan::default();
+        let mut lane = |store: &Store| -> Vec<Uuid> {
+            let due = store.lane_due_entries(&a, 10, &mut scan).unwrap();
+            due.iter().map(|d| d.delivery).collect()
+        };
+        let first = event(&[a], now);
+        let fresh = delivery_id(&first.id, 0);
+        accept_now(&store, std::slice::from_ref(&first)).await;
+        assert_eq!(lane(&store), vec![fresh]);
+        // An entry put into sled behind the writer's back is not read: sled had none of the
+        // lane's and no write since may have added one. A whole read finds it.
+        let stray = Uuid::now_v7();
+        store
+            .tree
+            .insert(due_key(&a, now + 1, &stray), EMPTY)
+            .unwrap();
+        assert_eq!(lane(&store), vec![fresh]);
+        assert_eq!(due_of(&store, &a), vec![(now, fresh), (now + 1, stray)]);
+        // The writer writes due entries (those of a held subscription): sled is read again.
+        accept_held(&store, &[event(&[held], now)], &[vec![0]]).await;
+        assert_eq!(lane(&store), vec![fresh, stray]);
+        // In flight, it is skipped, and sled still read: its claim may end without a write.
+        let stray_due = Due {
+            subscription: a,
+            due_ms: now + 1,
+            delivery: stray,
+        };
+        assert!(store.claim(&stray_due).unwrap());
+        assert_eq!(lane(&store), vec![fresh]);
+        store.release(&stray);
+        assert_eq!(lane(&store), vec![fresh, stray]);
     }
 
     #[tokio::test]
