@@ -2480,7 +2480,9 @@ fn print_table(ctx: &Ctx, machine: &stats::Machine, outcomes: &[Outcome], target
     print!("{out}");
 }
 
-#[tokio::main]
+/// The load generator (and the rest of the bench) on one worker thread, the sink on a thread of
+/// its own: see [`sink::SINK_THREAD`].
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<()> {
     let opts = Opts::parse();
     let mut selected: Vec<&str> = Vec::new();
@@ -2515,7 +2517,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let machine = stats::machine(&dir);
     let clock = Arc::new(Clock::new());
-    let sink = Sink::start(clock.clone()).await?;
+    let sink = Sink::start(clock.clone())?;
     let knobs = Knobs {
         per_subscription: opts.per_subscription,
         concurrency: opts.daemon_concurrency.unwrap_or(opts.concurrency),

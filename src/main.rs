@@ -122,16 +122,22 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
+    // The API and the delivery engine run on runtimes of their own (README, Design: "Two
+    // runtimes"), which share the CPUs between them.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let env = std::env::var("TOKIO_WORKER_THREADS").ok();
+    let (api_threads, delivery_threads) =
+        worker_threads(cpus, env.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     // Dropped last: the lines still queued are written out after the runtime has stopped, if
     // stderr takes them within about a second.
     let _log = init_logging(&config)?;
-    // The API and the delivery engine run on runtimes of their own (README, Design: "Two
-    // runtimes"), each with a worker thread per CPU (or `TOKIO_WORKER_THREADS`).
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(api_threads)
         .thread_name("api")
         .enable_all()
         .build()?;
     let delivery = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(delivery_threads)
         .thread_name("delivery")
         .enable_all()
         .build()?;
@@ -142,6 +148,22 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     delivery.shutdown_timeout(std::time::Duration::from_secs(1));
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     served
+}
+
+/// Worker threads of the API's runtime and of the delivery engine's on `cpus` CPUs: half each
+/// (the engine gets the odd one, each at least one), so that the two have a worker per CPU
+/// between them; `TOKIO_WORKER_THREADS` (the variable Tokio reads) sets both.
+fn worker_threads(cpus: usize, env: Option<&str>) -> Result<(usize, usize), String> {
+    if let Some(v) = env {
+        return match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok((n, n)),
+            _ => Err(format!(
+                "TOKIO_WORKER_THREADS: expected a number of worker threads above 0, got {v:?}"
+            )),
+        };
+    }
+    let api = (cpus / 2).max(1);
+    Ok((api, cpus.saturating_sub(api).max(1)))
 }
 
 /// Log lines go to stderr through a thread of their own (see `ops::log`); the guard writes out
@@ -246,5 +268,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn the_two_runtimes_share_the_cpus_unless_tokio_worker_threads_says() {
+        for (cpus, split) in [
+            (1, (1, 1)),
+            (2, (1, 1)),
+            (3, (1, 2)),
+            (4, (2, 2)),
+            (16, (8, 8)),
+        ] {
+            assert_eq!(worker_threads(cpus, None), Ok(split), "{cpus} CPUs");
+        }
+        assert_eq!(worker_threads(2, Some("3")), Ok((3, 3)));
+        for bad in ["0", "", "two", "-1"] {
+            let e = worker_threads(2, Some(bad)).unwrap_err();
+            assert!(
+                e.starts_with("TOKIO_WORKER_THREADS: expected a number"),
+                "{e}"
+            );
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 }

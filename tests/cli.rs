@@ -445,6 +445,31 @@ fn serve_that_cannot_listen_opens_no_storage() {
     assert_opened_nothing(dir.path(), &run);
 }
 
+/// `TOKIO_WORKER_THREADS` sets the worker threads of both runtimes; a value that is no count of
+/// threads is refused by name before anything is opened.
+#[test]
+fn serve_refuses_a_tokio_worker_threads_that_is_no_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        storage(dir.path())
+    );
+    let config = write(dir.path(), "threads.toml", &config);
+    let mut cmd = dispatcher(dir.path());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", "two");
+    let run = run(cmd, dir.path());
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(
+        run.stderr.starts_with(
+            "dispatcher: TOKIO_WORKER_THREADS: expected a number of worker threads above 0, got \"two\""
+        ),
+        "{run}"
+    );
+    assert_opened_nothing(dir.path(), &run);
+}
+
 /// Refused before anything is bound or opened: the test holds the port on loopback, so a bind
 /// of the public address would fail first, with `cannot listen`.
 #[test]
