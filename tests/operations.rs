@@ -464,13 +464,12 @@ async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {
     )
     .await;
     let secret = sub["secret"].as_str().unwrap().to_string();
-    let r = http
-        .post(format!("{base}/v1/events"))
-        .body(json!({"event": "add_lead", "data": {"id": 1}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    common::emit_binary(
+        &http,
+        &base,
+        json!({"event": "add_lead", "data": {"id": 1}}),
+    )
+    .await;
     let got = rx.wait_requests(1, WAIT).await;
     assert_eq!(got[0].header("authorization"), "Bearer HEADERSECRET789");
     let attempt = wait_for("the attempt's log line", WAIT, || {
@@ -525,13 +524,12 @@ async fn stderr_after_one_delivery(level: &str) -> String {
         json!({"url": rx.url("/hook"), "events": ["add_lead"]}),
     )
     .await;
-    let r = http
-        .post(format!("{base}/v1/events"))
-        .body(json!({"event": "add_lead", "data": {"id": 1}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    common::emit_binary(
+        &http,
+        &base,
+        json!({"event": "add_lead", "data": {"id": 1}}),
+    )
+    .await;
     let delivery = rx.wait_requests(1, WAIT).await[0].header("webhook-id");
     // Delivered means logged: the line is queued before the outcome is written.
     wait_for_async("the delivery to be delivered", WAIT, || {

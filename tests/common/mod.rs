@@ -566,6 +566,17 @@ pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -
     r.json().await.unwrap()
 }
 
+/// Sends one event to the real binary at `base` through `http`; panics unless 202.
+pub async fn emit_binary(http: &reqwest::Client, base: &str, event: Value) {
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "intake refused the event");
+}
+
 /// Sends the real binary SIGTERM.
 pub fn sigterm(child: &Binary) {
     let status = std::process::Command::new("kill")
