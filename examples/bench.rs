@@ -986,8 +986,9 @@ async fn storage(ctx: &Ctx) -> Result<Outcome> {
         let st = st.clone();
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
+            let mut scan = webhook_dispatcher::store::DueScan::default();
             loop {
-                let due = st.due_entries(&sub, 64)?;
+                let due = st.lane_due_entries(&sub, 64, &mut scan)?;
                 if due.is_empty() {
                     return anyhow::Ok(done);
                 }

