@@ -761,8 +761,11 @@ async fn e2e(ctx: &Ctx) -> Result<Outcome> {
             pct_ns(d2.latencies.clone()),
         );
         steal_fig(&mut o, "steal_half", "the half-peak run", steal2);
-        if !complete2 {
+        // A run stopped early, or with requests refused, has no p99 to judge: the requests it
+        // did not send or that failed would have been the slowest.
+        if !complete2 || run2.overloaded || acc2 as usize != n2 {
             o.values.remove("intake_half");
+            o.values.remove("latency_half");
         }
         ctx.sink.remove("/e2e-half");
     } else {
@@ -910,8 +913,9 @@ async fn paced(ctx: &Ctx) -> Result<Outcome> {
         );
     }
     check_dups(&mut o, std::slice::from_ref(&rec));
-    if !complete {
+    if !complete || run.overloaded || accepted as usize != n {
         o.values.remove("latency");
+        o.values.remove("intake");
     }
     o.conns = Some(conn_fig(
         ctx,
