@@ -523,13 +523,12 @@ async fn the_binary_delivers_on_its_delivery_threads() {
     .await;
     assert!(!before.is_empty(), "no thread named `delivery`");
     for id in 0..50 {
-        let r = http
-            .post(format!("{base}/v1/events"))
-            .body(json!({"event": "add_lead", "data": {"id": id}}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        common::emit_binary(
+            &http,
+            &base,
+            json!({"event": "add_lead", "data": {"id": id}}),
+        )
+        .await;
     }
     rx.wait_requests(50, WAIT).await;
     let after = run_ns(pid, "delivery").unwrap();

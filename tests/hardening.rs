@@ -372,15 +372,9 @@ async fn after_sigterm_intake_answers_503_while_the_attempts_in_flight_finish() 
         json!({"url": rx.url("/"), "events": ["add_lead"]}),
     )
     .await;
-    let event = json!({"event": "add_lead", "data": {"id": 1}}).to_string();
-    let r = kept
-        .post(format!("{base}/v1/events"))
-        .body(event.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let receipt: Value = r.json().await.unwrap();
+    let event = json!({"event": "add_lead", "data": {"id": 1}});
+    let receipt = common::emit_binary(&kept, &base, event.clone()).await;
+    let event = event.to_string();
     let event_id = receipt["events"][0]["id"]
         .as_str()
         .unwrap()

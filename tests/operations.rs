@@ -619,13 +619,7 @@ async fn deliveries_go_on_while_nobody_reads_stderr_and_its_lines_come_out_later
         let events: Vec<Value> = (0..1_000)
             .map(|i| json!({"event": "add_lead", "data": {"id": batch * 1_000 + i}}))
             .collect();
-        let r = http
-            .post(format!("{base}/v1/events"))
-            .body(json!({ "events": events }).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        common::emit_binary(&http, &base, json!({ "events": events })).await;
     }
     // About 250 bytes a line: 2,000 lines are several times what the pipe holds.
     rx.wait_requests(EVENTS, Duration::from_secs(60)).await;

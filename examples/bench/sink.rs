@@ -24,8 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// generator on a runtime with one worker (`main`): of the ways tried to run the two on two
 /// cores, this one moved the most requests in the baseline (152,000–156,000/s in this
 /// machine's trials, against 110,000–116,000/s for both on one runtime with a worker per core,
-/// which used twice the CPU for them; README, Performance). The baseline is the ceiling of the machine, so it is measured so; and the
-/// scenarios run the same client and sink.
+/// which used twice the CPU for them; README, Performance). The baseline is the ceiling of the
+/// machine, so it is measured so; and the scenarios run the same client and sink.
 pub const SINK_THREAD: &str = "sink";
 
 /// Connection counters of the sink's listener.

@@ -3,9 +3,9 @@
 //! Every attempt logs one line, so its formatting is on the hot path: the whole line, through
 //! `tracing` and `tracing-subscriber`'s formatter, cost up to about 2.4 µs of CPU per delivery in
 //! the benchmark's fanout, a tenth of the daemon's (most of it `core::fmt` writing each field and
-//! the timestamp); written here, about 1.5 µs less. The binary, whose log lines all go through [`super::log`]'s queue, has
-//! [`write_directly`] called once its subscriber is installed: from then on [`attempt`] writes
-//! the line itself, byte for byte the line `tracing-subscriber` writes for the same event (text
+//! the timestamp); written here, about 1.5 µs less. The binary, whose log lines all go through
+//! [`super::log`]'s queue, has [`write_directly`] called once its subscriber is installed: from
+//! then on [`attempt`] writes the line itself, byte for byte the line `tracing-subscriber` writes for the same event (text
 //! without colours, or JSON), when the subscriber's filter lets the event through. A test checks
 //! the two against each other. Without it (a terminal's coloured lines, a program that embeds the
 //! library with a subscriber of its own), the line is an ordinary `tracing` event.
@@ -75,14 +75,15 @@ pub fn attempt(line: &AttemptLine<'_>) {
             outcome,
             next_attempt_at
         )
-    {
-        LINE.with_borrow_mut(|buf| {
+        && LINE.with_borrow_mut(|buf| {
             buf.clear();
             format_line(buf, *format, SystemTime::now(), line);
-            super::log::push_stderr(buf);
-        });
+            super::log::push_stderr(buf)
+        })
+    {
         return;
     }
+    // Not written directly (or no stderr queue to write it to): an ordinary event.
     tracing::info!(
         target: TARGET,
         delivery = %line.delivery,

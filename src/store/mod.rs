@@ -261,14 +261,22 @@ pub struct Store {
 }
 
 /// Counts the writes that may have put due entries into sled, so that a lane that found none of
-/// its own there need not look again until the count moves (see [`DueScan`]). Bumped after
-/// every sled batch and every single write of a due entry, once it is applied.
+/// its own there need not look again until the count moves (see [`DueScan`]). Every sled batch
+/// goes through [`DueWrites::apply_batch`], and [`Changes::apply`] counts its single writes of
+/// due entries: counted once applied (or failed).
 #[derive(Clone, Default)]
 struct DueWrites(Arc<std::sync::atomic::AtomicU64>);
 
 impl DueWrites {
     fn bump(&self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `tree.apply_batch(batch)`, counted.
+    fn apply_batch(&self, tree: &sled::Tree, batch: sled::Batch) -> sled::Result<()> {
+        let written = tree.apply_batch(batch);
+        self.bump();
+        written
     }
 
     fn count(&self) -> u64 {
@@ -682,9 +690,7 @@ impl Store {
                 ended += 1;
             }
         }
-        let written = self.tree.apply_batch(batch);
-        self.due_writes.bump();
-        written?;
+        self.due_writes.apply_batch(&self.tree, batch)?;
         // The outcomes of attempts in flight find their claimed entries gone: they write nothing.
         let mut claimed = self.claimed_set();
         for did in void {
@@ -1244,9 +1250,7 @@ impl Store {
         d.error = None;
         batch.insert(key(DELIVERY, &d.id).as_slice(), encode_delivery(&d));
         batch.insert(due_key(&d.subscription_id, now_ms, &d.id).as_slice(), EMPTY);
-        let written = self.tree.apply_batch(batch);
-        self.due_writes.bump();
-        written?;
+        self.due_writes.apply_batch(&self.tree, batch)?;
         Ok(Some(Ok(d)))
     }
 
@@ -1368,9 +1372,7 @@ impl Store {
             }
         }
         if dirty {
-            let written = self.tree.apply_batch(batch);
-            self.due_writes.bump();
-            written?;
+            self.due_writes.apply_batch(&self.tree, batch)?;
         }
         Ok(step)
     }
@@ -1774,9 +1776,7 @@ impl Writer {
         let mut batch = sled::Batch::default();
         let spill = self.spill_into(&mut batch);
         if !spill.is_empty() {
-            let written = self.tree.apply_batch(batch);
-            self.due_writes.bump();
-            match written {
+            match self.due_writes.apply_batch(&self.tree, batch) {
                 Ok(()) => {
                     let fresh = &mut self.claims().fresh;
                     for (sub, due, d) in &spill {
@@ -2115,25 +2115,22 @@ impl Changes {
         }
     }
 
-    /// [`Changes::apply_all`], then counts the write in `due_writes` if it may have added due
-    /// entries (a batch, or a single write of one).
+    /// Writes `first`, then the singles in key order (a stable sort: a key written twice keeps
+    /// its last value), then the batch. In key order, the singles that land in one leaf of
+    /// sled's tree (events and deliveries have ids that grow with time) are applied to one copy
+    /// of it, where a write of each on its own copies the leaf for each. Single writes of due
+    /// entries are counted in `due_writes`, as the batch is.
     fn apply(self, tree: &sled::Tree, due_writes: &DueWrites) -> Applied {
         let is_due = |w: &KeyWrite| w.0.first() == Some(&DUE);
-        let due = self.batched
-            || self.first.as_ref().is_some_and(is_due)
-            || self.singles.iter().any(is_due);
-        let applied = self.apply_all(tree);
-        if due {
+        let single_due = self.first.as_ref().is_some_and(is_due) || self.singles.iter().any(is_due);
+        let applied = self.write_all(tree, due_writes);
+        if single_due {
             due_writes.bump();
         }
         applied
     }
 
-    /// Writes `first`, then the singles in key order (a stable sort: a key written twice keeps
-    /// its last value), then the batch. In key order, the singles that land in one leaf of
-    /// sled's tree (events and deliveries have ids that grow with time) are applied to one copy
-    /// of it, where a write of each on its own copies the leaf for each.
-    fn apply_all(self, tree: &sled::Tree) -> Applied {
+    fn write_all(self, tree: &sled::Tree, due_writes: &DueWrites) -> Applied {
         let mut singles: Vec<(usize, KeyWrite)> = self.singles.into_iter().enumerate().collect();
         singles.sort_by(|a, b| a.1.0.cmp(&b.1.0));
         let mut ranks = vec![0; singles.len()];
@@ -2165,7 +2162,7 @@ impl Changes {
             }
         }
         if self.batched {
-            match tree.apply_batch(self.batch) {
+            match due_writes.apply_batch(tree, self.batch) {
                 Ok(()) => applied.batch = true,
                 Err(e) => applied.error = Some(e.to_string()),
             }

@@ -566,15 +566,17 @@ pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -
     r.json().await.unwrap()
 }
 
-/// Sends one event to the real binary at `base` through `http`; panics unless 202.
-pub async fn emit_binary(http: &reqwest::Client, base: &str, event: Value) {
+/// Sends `body` (an event, or `{"events": [...]}`) to the real binary at `base` through `http`;
+/// panics unless 202. Returns the receipts.
+pub async fn emit_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
     let r = http
         .post(format!("{base}/v1/events"))
-        .body(event.to_string())
+        .body(body.to_string())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202, "intake refused the event");
+    r.json().await.unwrap()
 }
 
 /// Sends the real binary SIGTERM.
