@@ -2422,7 +2422,7 @@ fn print_table(ctx: &Ctx, machine: &stats::Machine, outcomes: &[Outcome], target
         ctx.knobs.describe()
     ));
     out.push_str(&format!(
-        "load: hyper HTTP/1.1 keep-alive connections, {} concurrent; event `add_lead` of {} bytes JSON, delivered as {} bytes amoCRM form; sink and client share this process and the machine with the daemon\n",
+        "load: hyper HTTP/1.1 keep-alive connections, {} concurrent; event `add_lead` of {} bytes JSON, delivered as {} bytes amoCRM form; the client (on one worker thread) and the sink (on a thread of its own) share this process, and the machine with the daemon\n",
         ctx.opts.concurrency, event_json("add_lead", 12345).len(), form_body(12345).len()
     ));
     for o in outcomes {
@@ -2487,8 +2487,20 @@ fn print_table(ctx: &Ctx, machine: &stats::Machine, outcomes: &[Outcome], target
 
 /// The load generator (and the rest of the bench) on one worker thread, the sink on a thread of
 /// its own: see [`sink::SINK_THREAD`].
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Before the first thread: a paced run opens hundreds of connections, and a descriptor table
+    // grown while they open holds up the generator's one worker (so every request in flight) for
+    // an RCU grace period, as it does the daemon (`webhook_dispatcher::ops::fds`).
+    webhook_dispatcher::ops::fds::reserve(webhook_dispatcher::ops::fds::SLOTS)
+        .context("growing the bench's descriptor table")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     let opts = Opts::parse();
     let mut selected: Vec<&str> = Vec::new();
     if opts.scenarios.is_empty() {

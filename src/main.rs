@@ -128,9 +128,15 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let env = std::env::var("TOKIO_WORKER_THREADS").ok();
     let (api_threads, delivery_threads) =
         worker_threads(cpus, env.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    // While this is the only thread: a table grown later holds up every thread opening a
+    // socket for an RCU grace period (`ops::fds`).
+    let fds = webhook_dispatcher::ops::fds::reserve(webhook_dispatcher::ops::fds::SLOTS);
     // Dropped last: the lines still queued are written out after the runtime has stopped, if
     // stderr takes them within about a second.
     let _log = init_logging(&config)?;
+    if let Err(e) = fds {
+        tracing::warn!(error = %e, "could not grow the file-descriptor table at start");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(api_threads)
         .thread_name("api")

@@ -442,6 +442,41 @@ async fn healthz_reports_storage_writable() {
     assert_eq!(body, json!({"status": "ok", "storage": "writable"}));
 }
 
+/// A number on the line of /proc/PID/FILE that starts with `label`, at `column` (0: the first
+/// after the label).
+#[cfg(target_os = "linux")]
+fn proc_figure(pid: &str, file: &str, label: &str, column: usize) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(label)).unwrap();
+    let figure = line[label.len()..].split_whitespace().nth(column).unwrap();
+    figure
+        .parse()
+        .unwrap_or_else(|_| panic!("{label} {figure:?} in /proc/{pid}/{file}"))
+}
+
+/// The daemon grows its descriptor table before it starts a thread (`ops::fds`), so that no
+/// connection it accepts or opens later waits for the table to grow. A table grows only as
+/// descriptors are opened: left alone, a daemon started here held 256 once serving.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_daemon_starts_with_room_for_thousands_of_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::binary_config(dir.path(), "");
+    let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
+    // The daemon inherits this process's limit.
+    let limit = proc_figure("self", "limits", "Max open files", 0);
+    let want = limit.min(webhook_dispatcher::ops::fds::SLOTS);
+    let table = proc_figure(&child.id().to_string(), "status", "FDSize:", 0);
+    assert!(
+        table >= want,
+        "the daemon's descriptor table holds {table}, want at least {want} (limit {limit})"
+    );
+    // It serves as before.
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    common::stop_binary(&mut child).await;
+}
+
 /// The real binary with JSON logs: one line per attempt, with the destination's host only.
 #[tokio::test]
 async fn logs_show_one_line_per_attempt_and_never_a_key_or_secret() {

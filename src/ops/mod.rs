@@ -1,6 +1,8 @@
-//! Operations: metrics, the live stream of attempts, and retention of the delivery log.
+//! Operations: metrics, the live stream of attempts, retention of the delivery log, and the
+//! two settings of the daemon's process (its descriptor table, the storage writer's time slice).
 
 pub mod attempt_log;
+pub mod fds;
 pub mod log;
 pub mod metrics;
 pub mod retention;
