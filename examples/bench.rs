@@ -2491,8 +2491,9 @@ fn main() -> Result<()> {
     // Before the first thread: a paced run opens hundreds of connections, and a descriptor table
     // grown while they open holds up the generator's one worker (so every request in flight) for
     // an RCU grace period, as it does the daemon (`webhook_dispatcher::ops::fds`).
-    webhook_dispatcher::ops::fds::reserve(webhook_dispatcher::ops::fds::SLOTS)
-        .context("growing the bench's descriptor table")?;
+    if let Err(e) = webhook_dispatcher::ops::fds::reserve(webhook_dispatcher::ops::fds::SLOTS) {
+        eprintln!("warning: the bench's descriptor table was not grown at start: {e}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

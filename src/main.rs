@@ -134,8 +134,14 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     // Dropped last: the lines still queued are written out after the runtime has stopped, if
     // stderr takes them within about a second.
     let _log = init_logging(&config)?;
-    if let Err(e) = fds {
-        tracing::warn!(error = %e, "could not grow the file-descriptor table at start");
+    match fds {
+        Err(e) => tracing::warn!(error = %e, "could not grow the file-descriptor table at start"),
+        Ok(n) if n < webhook_dispatcher::ops::fds::SLOTS => tracing::info!(
+            descriptors = n,
+            "RLIMIT_NOFILE keeps the descriptor table below {} slots",
+            webhook_dispatcher::ops::fds::SLOTS
+        ),
+        Ok(_) => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(api_threads)

@@ -455,21 +455,32 @@ fn proc_figure(pid: &str, file: &str, label: &str, column: usize) -> usize {
 }
 
 /// The daemon grows its descriptor table before it starts a thread (`ops::fds`), so that no
-/// connection it accepts or opens later waits for the table to grow. A table grows only as
-/// descriptors are opened: left alone, a daemon started here held 256 once serving.
+/// connection it accepts or opens later waits for the table to grow, raising its soft
+/// `RLIMIT_NOFILE` for it where the hard limit allows. A table grows only as descriptors are
+/// opened: left alone, a daemon started here held 256 once serving.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_daemon_starts_with_room_for_thousands_of_connections() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::binary_config(dir.path(), "");
     let (mut child, base) = common::start_binary(&config, std::process::Stdio::null());
-    // The daemon inherits this process's limit.
-    let limit = proc_figure("self", "limits", "Max open files", 0);
-    let want = limit.min(webhook_dispatcher::ops::fds::SLOTS);
-    let table = proc_figure(&child.id().to_string(), "status", "FDSize:", 0);
+    // The daemon inherits this process's limits, and raises the soft one as far as the hard one.
+    let hard = proc_figure("self", "limits", "Max open files", 1);
+    let want = hard.min(webhook_dispatcher::ops::fds::SLOTS);
+    assert!(
+        want > 256,
+        "a hard RLIMIT_NOFILE of {hard} leaves nothing to tell the grown table from the table the daemon would hold anyway"
+    );
+    let pid = child.id().to_string();
+    let table = proc_figure(&pid, "status", "FDSize:", 0);
     assert!(
         table >= want,
-        "the daemon's descriptor table holds {table}, want at least {want} (limit {limit})"
+        "the daemon's descriptor table holds {table}, want at least {want} (hard limit {hard})"
+    );
+    let soft = proc_figure(&pid, "limits", "Max open files", 0);
+    assert!(
+        soft >= want,
+        "the daemon's soft RLIMIT_NOFILE is {soft}, want {want}"
     );
     // It serves as before.
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();

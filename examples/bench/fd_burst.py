@@ -11,13 +11,19 @@ and the daemon's descriptor table (FDSize) after it. Both client processes have 
 no wait of theirs is the kernel's table growth; the daemon's is what it measures.
 """
 import subprocess, sys, tempfile, os, socket, time, multiprocessing
+def read_answer(s):
+    """Reads one /healthz answer (its JSON body ends the read); fails if the daemon closes."""
+    buf = b""
+    while b"\r\n\r\n" not in buf or not buf.rstrip().endswith(b"}"):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("the daemon closed a connection before answering")
+        buf += chunk
 def probe(addr, stop_at, q):
     s = socket.create_connection(addr); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"; lats = []
     while time.monotonic() < stop_at:
-        t = time.monotonic(); s.sendall(req); buf = b""
-        while b"\r\n\r\n" not in buf or not buf.rstrip().endswith(b"}"):
-            buf += s.recv(4096)
+        t = time.monotonic(); s.sendall(req); read_answer(s)
         lats.append(time.monotonic() - t)
     q.put(lats)
 def burst(addr, n, q):
@@ -27,8 +33,7 @@ def burst(addr, n, q):
         for _ in range(min(50, n - i)):
             c = socket.create_connection(addr); c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"); chunk.append(c)
         for c in chunk:
-            buf = b""
-            while not buf.rstrip().endswith(b"}"): buf += c.recv(4096)
+            read_answer(c)
         socks.extend(chunk)
     q.put(time.monotonic() - t)
 def run(binary, n):
@@ -40,6 +45,8 @@ def run(binary, n):
     for line in p.stdout:
         if line.startswith("listening on "):
             h, port = line.split()[-1].rsplit(":", 1); addr = (h, int(port)); break
+    if addr is None:
+        sys.exit(f"{binary} exited without printing `listening on` (exit {p.wait()})")
     q1, q2 = multiprocessing.Queue(), multiprocessing.Queue()
     stop_at = time.monotonic() + 3.0
     pr = multiprocessing.Process(target=probe, args=(addr, stop_at, q1)); pr.start()

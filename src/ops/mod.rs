@@ -1,5 +1,5 @@
-//! Operations: metrics, the live stream of attempts, retention of the delivery log, and the
-//! two settings of the daemon's process (its descriptor table, the storage writer's time slice).
+//! Operations: metrics, the live stream of attempts, retention of the delivery log, and two
+//! settings the daemon makes at start (its descriptor table; the storage writer's time slice).
 
 pub mod attempt_log;
 pub mod fds;
