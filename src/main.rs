@@ -136,7 +136,7 @@ fn serve_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let _log = init_logging(&config)?;
     match fds {
         Err(e) => tracing::warn!(error = %e, "could not grow the file-descriptor table at start"),
-        Ok(n) if n < webhook_dispatcher::ops::fds::SLOTS => tracing::info!(
+        Ok(n) if n > 0 && n < webhook_dispatcher::ops::fds::SLOTS => tracing::info!(
             descriptors = n,
             "RLIMIT_NOFILE keeps the descriptor table below {} slots",
             webhook_dispatcher::ops::fds::SLOTS
