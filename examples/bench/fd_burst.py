@@ -59,7 +59,18 @@ def run(binary, n):
     lats.sort()
     return max(lats) * 1000, lats[len(lats) // 2] * 1000, took * 1000, fds
 if __name__ == "__main__":
-    n = int(sys.argv[1]); rounds = int(sys.argv[2])
+    usage = "usage: fd_burst.py N ROUNDS LABEL BINARY [LABEL BINARY ...]"
+    if len(sys.argv) < 5 or len(sys.argv) % 2 == 0:
+        sys.exit(usage)
+    try:
+        n = int(sys.argv[1]); rounds = int(sys.argv[2])
+    except ValueError:
+        sys.exit(f"N and ROUNDS are counts; {usage}")
+    if n < 1 or rounds < 1:
+        sys.exit(f"N and ROUNDS must be above 0; {usage}")
+    for binary in sys.argv[4::2]:
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"{binary}: not an executable file")
     for r in range(rounds):
         for label, b in zip(sys.argv[3::2], sys.argv[4::2]):
             mx, p50, took, fds = run(b, n)

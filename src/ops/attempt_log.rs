@@ -5,9 +5,9 @@
 //! the benchmark's fanout, a tenth of the daemon's (most of it `core::fmt` writing each field and
 //! the timestamp); written here, about 1.5 µs less. The binary, whose log lines all go through
 //! [`super::log`]'s queue, has [`write_directly`] called once its subscriber is installed: from
-//! then on [`attempt`] writes the line itself, byte for byte the line `tracing-subscriber` writes for the same event (text
-//! without colours, or JSON), when the subscriber's filter lets the event through. A test checks
-//! the two against each other. Without it (a terminal's coloured lines, a program that embeds the
+//! then on [`attempt`] writes the line itself, byte for byte the line `tracing-subscriber`
+//! writes for the same event (text without colours, or JSON), when the subscriber's filter lets
+//! the event through. A test checks the two against each other. Without it (a terminal's coloured lines, a program that embeds the
 //! library with a subscriber of its own), the line is an ordinary `tracing` event.
 
 use std::cell::RefCell;

@@ -553,30 +553,34 @@ pub async fn binary_subscribed(
     (child, base, rx, http)
 }
 
-/// Creates a subscription on the real binary at `base` through `http` (the caller's client, so a
-/// test may keep its connection alive); panics unless 201. Returns the subscription.
-pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
+/// POSTs `body` to the real binary at `base` + `path` through `http` (the caller's client, so a
+/// test may keep its connection alive); panics unless the answer is `want`. Returns its JSON.
+async fn post_binary(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Value,
+    want: u16,
+) -> Value {
     let r = http
-        .post(format!("{base}/v1/subscriptions"))
+        .post(format!("{base}{path}"))
         .body(body.to_string())
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201, "subscribe failed");
+    assert_eq!(r.status(), want, "POST {path}");
     r.json().await.unwrap()
 }
 
-/// Sends `body` (an event, or `{"events": [...]}`) to the real binary at `base` through `http`;
-/// panics unless 202. Returns the receipts.
+/// Creates a subscription on the real binary; panics unless 201. Returns the subscription.
+pub async fn subscribe_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
+    post_binary(http, base, "/v1/subscriptions", body, 201).await
+}
+
+/// Sends `body` (an event, or `{"events": [...]}`) to the real binary; panics unless 202.
+/// Returns the receipts.
 pub async fn emit_binary(http: &reqwest::Client, base: &str, body: Value) -> Value {
-    let r = http
-        .post(format!("{base}/v1/events"))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "intake refused the event");
-    r.json().await.unwrap()
+    post_binary(http, base, "/v1/events", body, 202).await
 }
 
 /// Sends the real binary SIGTERM.
