@@ -172,3 +172,223 @@ async fn a_refused_connection_is_code_0_naming_its_innermost_cause() {
         "{failed}"
     );
 }
+
+/// What a raw receiver does with one request: the bytes it answers, and whether it then closes
+/// the connection (without saying so in the answer).
+struct RawAnswer {
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+/// A receiver on a bare TCP listener that answers the requests, in order of arrival, with the
+/// bytes of `script` (its last entry for every request after), so that the daemon's reading of
+/// answers HTTP servers seldom send (chunks, bodies without a length, garbage) is what is tested.
+/// Counts its connections and the requests it read.
+struct RawReceiver {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<AtomicUsize>,
+    requests: std::sync::Arc<AtomicUsize>,
+}
+
+impl RawReceiver {
+    async fn start(script: Vec<RawAnswer>) -> RawReceiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let script = std::sync::Arc::new(script);
+        let (acc, reqs) = (accepted.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let (script, reqs) = (script.clone(), reqs.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: its head, then as many bytes as its content-length says.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        let len: usize = head
+                            .split("\r\n")
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .expect("a content-length")
+                            .parse()
+                            .unwrap();
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + len);
+                        let nth = reqs.fetch_add(1, Ordering::SeqCst);
+                        let answer = &script[nth.min(script.len() - 1)];
+                        if s.write_all(&answer.bytes).await.is_err() || answer.close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawReceiver {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn raw(bytes: &[u8], close: bool) -> RawAnswer {
+    RawAnswer {
+        bytes: bytes.to_vec(),
+        close,
+    }
+}
+
+/// Emits `n` events one after another to a subscription of one slot, waiting for each to end
+/// before the next, and returns each delivery's first attempt.
+async fn attempts_one_by_one(server: &TestServer, url: &str, n: usize) -> Vec<Value> {
+    server
+        .subscribe(json!({"url": url, "events": ["add_lead"], "retry": "once"}))
+        .await;
+    for id in 0..n {
+        let receipt = server
+            .emit(json!({"event": "add_lead", "data": {"id": id}}))
+            .await;
+        assert_eq!(receipt["deliveries"], 1, "{receipt}");
+        wait_for_async("the delivery to end", WAIT, || async {
+            let (_, l) = server.get("/v1/deliveries?limit=100").await;
+            let ended = l["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["status"] == "delivered" || d["status"] == "failed")
+                .count();
+            (ended == id + 1).then_some(())
+        })
+        .await;
+    }
+    let (_, l) = server.get("/v1/deliveries?limit=100").await;
+    let all = l["deliveries"].as_array().unwrap();
+    assert_eq!(all.len(), n);
+    all.iter()
+        .map(|d| {
+            assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{d}");
+            d["attempts"][0].clone()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_answer_is_read_to_its_end_and_its_connection_kept() {
+    let server = TestServer::start(&delivery_config(1)).await;
+    let rx = RawReceiver::start(vec![raw(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nok \r\n5\r\nthere\r\n0\r\nX-T: 1\r\n\r\n",
+        false,
+    )])
+    .await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), 3).await;
+    for a in &attempts {
+        assert_eq!(
+            (a["code"].as_u64(), a["response_body"].as_str()),
+            (Some(200), Some("ok there")),
+            "{a}"
+        );
+        assert!(a.get("error").is_none_or(Value::is_null), "{a}");
+    }
+    assert_eq!(rx.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_64_kib_is_cut_and_its_connection_dropped() {
+    let server = TestServer::start(&delivery_config(1)).await;
+    let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+    big.extend(std::iter::repeat_n(b'z', 1_000_000));
+    let rx = RawReceiver::start(vec![raw(&big, false)]).await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), 2).await;
+    for a in &attempts {
+        assert_eq!(a["code"], 200, "{a}");
+        // The log keeps the first KiB.
+        assert_eq!(
+            a["response_body"].as_str().unwrap(),
+            "z".repeat(1024),
+            "{a}"
+        );
+    }
+    // The rest was not read: the connection could not carry another request.
+    assert_eq!((rx.requests(), rx.connections()), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_a_length_ends_with_the_connection() {
+    let server = TestServer::start(&delivery_config(1)).await;
+    let rx = RawReceiver::start(vec![raw(
+        b"HTTP/1.1 202 Accepted\r\n\r\nuntil the end",
+        true,
+    )])
+    .await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), 2).await;
+    for a in &attempts {
+        assert_eq!(
+            (a["code"].as_u64(), a["response_body"].as_str()),
+            (Some(202), Some("until the end")),
+            "{a}"
+        );
+    }
+    assert_eq!(rx.connections(), 2);
+}
+
+/// A receiver that closes a kept connection after its answer, without `Connection: close` (as a
+/// server does when its keep-alive timeout passes): the next attempt finds it closed before it
+/// writes and dials anew, with no failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_receiver_closed_meanwhile_is_not_used() {
+    let server = TestServer::start(&delivery_config(1)).await;
+    let rx = RawReceiver::start(vec![raw(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        true,
+    )])
+    .await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), 3).await;
+    assert!(attempts.iter().all(|a| a["code"] == 200), "{attempts:?}");
+    // Each request went out once, on a connection of its own.
+    assert_eq!((rx.requests(), rx.connections()), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_http_is_code_0_saying_so() {
+    let server = TestServer::start(&delivery_config(1)).await;
+    let rx = RawReceiver::start(vec![raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", true)]).await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), 1).await;
+    assert_eq!(attempts[0]["code"], 0);
+    assert_eq!(
+        attempts[0]["error"], "request error: invalid answer: invalid HTTP version",
+        "{attempts:?}"
+    );
+}

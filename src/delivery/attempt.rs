@@ -9,11 +9,11 @@
 
 use super::conn::{ConnectError, Dialer, Origin, Slot};
 use super::guard::{Guard, GuardedResolver};
+use super::h1;
 use super::signature::Signer;
 use crate::store::Subscription;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -183,7 +183,7 @@ fn timeout_text(timeout: Duration) -> String {
 /// What stopped a direct attempt before an answer.
 enum Failure {
     Connect(ConnectError),
-    Request(hyper::Error),
+    Request(h1::Error),
 }
 
 /// Sends an attempt over the slot's connection. The per-attempt timeout covers everything from
@@ -206,31 +206,33 @@ async fn send_direct(
     let Some(origin) = Origin::of(url) else {
         return no_answer("bad destination URL: not http(s)".into(), started);
     };
-    let request = match build_request(url, user_agent, headers, sub, body) {
+    let request = match encode_request(url, user_agent, &headers, sub, &body) {
         Ok(r) => r,
-        Err(e) => return no_answer(format!("error: {}", innermost(&e)), started),
+        Err(e) => return no_answer(format!("error: {e}"), started),
     };
-    // The slot's connection if it is still open and ready, else a new one. A request that never
-    // went out on a kept connection (the receiver had just closed it) goes once more on a new one.
+    // The slot's connection if it is still open, else a new one. A request that could not be
+    // written on a kept connection (the receiver had just closed it) goes once more on a new one.
     let exchange = async {
-        let mut request = request;
         loop {
-            let kept = slot.take_ready(&origin).await;
+            let kept = slot.take_ready(&origin);
             let reused = kept.is_some();
             let mut conn = match kept {
                 Some(conn) => conn,
                 None => dialer.connect(&origin).await.map_err(Failure::Connect)?,
             };
-            match conn.sender().try_send_request(request).await {
-                Ok(resp) => return Ok((conn, resp)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(Failure::Request(e.into_error())),
-                },
+            if let Err(e) = conn.write(&request).await {
+                if reused {
+                    continue;
+                }
+                return Err(Failure::Request(e.into()));
             }
+            return match conn.head().await {
+                Ok(head) => Ok((conn, head)),
+                Err(e) => Err(Failure::Request(e)),
+            };
         }
     };
-    let (conn, resp) = match tokio::time::timeout_at(deadline, exchange).await {
+    let (mut conn, head) = match tokio::time::timeout_at(deadline, exchange).await {
         Err(_) => return no_answer(timeout_text(timeout), started),
         Ok(Err(Failure::Connect(e))) => {
             return no_answer(format!("connect error: {}", innermost(&e)), started);
@@ -240,49 +242,33 @@ async fn send_direct(
         }
         Ok(Ok(exchanged)) => exchanged,
     };
-    let code = resp.status().as_u16();
-    let retry_after = retry_after(code, resp.headers());
-    let mut body = resp.into_body();
+    let code = head.code;
+    let retry_after = retry_after(code, head.retry_after.as_deref());
     let mut kept: Vec<u8> = Vec::new();
-    let mut read = 0usize;
-    let mut body_error = None;
-    let mut ended = false;
-    loop {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => {
-                let Ok(chunk) = frame.into_data() else {
-                    continue; // trailers
-                };
-                read += chunk.len();
-                keep_start(&mut kept, &chunk);
-                if read >= DRAINED_BODY {
-                    break;
-                }
-            }
-            Ok(None) => {
-                ended = true;
-                break;
-            }
-            Ok(Some(Err(e))) => {
-                // The status arrived: the answer counts, whatever happened to its body.
-                body_error = Some(format!(
-                    "reading the response body: error: {}",
-                    innermost(&e)
-                ));
-                break;
-            }
-            Err(_) => {
-                body_error = Some(format!(
-                    "reading the response body: {}",
-                    timeout_text(timeout)
-                ));
-                break;
-            }
-        }
-    }
-    // Only a connection whose answer was read to its end can carry the next request; any other
-    // is dropped here, which closes it.
-    if ended {
+    let read = conn.body(head.framing, DRAINED_BODY, |chunk| {
+        keep_start(&mut kept, chunk)
+    });
+    let (ended, body_error) = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(end)) => (end == h1::BodyEnd::Complete, None),
+        // The status arrived: the answer counts, whatever happened to its body.
+        Ok(Err(e)) => (
+            false,
+            Some(format!(
+                "reading the response body: error: {}",
+                innermost(&e)
+            )),
+        ),
+        Err(_) => (
+            false,
+            Some(format!(
+                "reading the response body: {}",
+                timeout_text(timeout)
+            )),
+        ),
+    };
+    // Only a connection whose answer was read to its end, and that the receiver keeps open, can
+    // carry the next request; any other is dropped here, which closes it.
+    if ended && head.keep_alive {
         slot.keep(conn);
     }
     AttemptOutcome {
@@ -294,54 +280,54 @@ async fn send_direct(
     }
 }
 
-/// The request of SPEC §7 in origin form, with the headers reqwest used to add (`User-Agent`,
-/// `Host`, `Accept`); hyper adds `Content-Length`.
-fn build_request(
+/// The request of SPEC §7 in origin form, in one piece, with the headers reqwest used to add
+/// (`User-Agent`, `Host`, `Accept`) and its `Content-Length`; an error names a subscription header
+/// that cannot be sent.
+fn encode_request(
     url: &url::Url,
     user_agent: &HeaderValue,
-    headers: [(HeaderName, String); 5],
+    headers: &[(HeaderName, String); 5],
     sub: &Subscription,
-    body: Bytes,
-) -> Result<http::Request<Full<Bytes>>, http::Error> {
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
     let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let target = if target.is_empty() { "/" } else { target };
     let host = url.host_str().unwrap_or_default();
     let host = match url.port() {
         Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
     };
-    // Built in place rather than through `http::request::Builder`, which moves the request's
-    // parts along at every header: this runs for every attempt.
-    let mut request = http::Request::new(Full::new(body));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = http::Uri::try_from(target)?;
-    let map = request.headers_mut();
-    map.reserve(headers.len() + sub.headers.len() + 3);
-    for (k, v) in headers {
-        map.append(k, HeaderValue::try_from(v)?);
-    }
     for (k, v) in &sub.headers {
-        map.append(
-            HeaderName::try_from(k.as_str())?,
-            HeaderValue::try_from(v.as_str())?,
-        );
+        if !h1::valid_name(k) {
+            return Err(format!("invalid header name {k:?}"));
+        }
+        if !h1::valid_value(v.as_bytes()) {
+            return Err(format!("invalid value of header {k}"));
+        }
     }
-    map.append(header::USER_AGENT, user_agent.clone());
-    map.append(header::HOST, HeaderValue::try_from(host)?);
     // reqwest's default, unless the subscription's own headers name one.
-    map.entry(header::ACCEPT)
-        .or_insert(HeaderValue::from_static("*/*"));
-    Ok(request)
+    let accept = (!sub.headers.keys().any(|k| k.eq_ignore_ascii_case("accept")))
+        .then_some(("accept", &b"*/*"[..]));
+    let all = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_bytes()))
+        .chain(sub.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+        .chain([
+            ("user-agent", user_agent.as_bytes()),
+            ("host", host.as_bytes()),
+        ])
+        .chain(accept);
+    let mut out = Vec::with_capacity(256 + body.len());
+    h1::encode_request(&mut out, target, all, body);
+    Ok(out)
 }
 
 /// The `Retry-After` of a 429 or 503 answer.
-fn retry_after(code: u16, headers: &http::HeaderMap) -> Option<Duration> {
+fn retry_after(code: u16, value: Option<&str>) -> Option<Duration> {
     if code != 429 && code != 503 {
         return None;
     }
-    headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after)
+    value.and_then(parse_retry_after)
 }
 
 /// Adds the start of `chunk` to the kept start of a body, up to [`KEPT_BODY`].
@@ -384,7 +370,12 @@ async fn send_proxied(client: &reqwest::Client, out: Outgoing<'_>) -> AttemptOut
         Err(e) => return no_answer(describe(&e, timeout), started),
     };
     let code = resp.status().as_u16();
-    let retry_after = retry_after(code, resp.headers());
+    let retry_after = retry_after(
+        code,
+        resp.headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut kept: Vec<u8> = Vec::new();
     let mut read = 0usize;
     let mut body_error = None;
@@ -465,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn a_direct_request_is_in_origin_form_with_the_host_and_one_accept() {
+    fn a_direct_request_is_in_origin_form_with_the_host_and_one_accept_in_one_piece() {
         let sub: Subscription = serde_json::from_value(serde_json::json!({
             "id": Uuid::nil(), "url": "", "events": [], "name": null, "format": "amocrm",
             "retry": "amocrm", "timeout_ms": null, "enabled": true, "disabled_reason": null,
@@ -482,23 +473,49 @@ mod tests {
         ];
         let ua = HeaderValue::from_static("webhook-dispatcher/test");
         let url = url::Url::parse("http://[::1]:9000/amo/hook?key=abc#frag").unwrap();
-        let req = build_request(&url, &ua, headers.clone(), &sub, Bytes::from("{}")).unwrap();
-        assert_eq!(req.uri(), "/amo/hook?key=abc");
-        let h = req.headers();
-        assert_eq!(h[header::HOST], "[::1]:9000");
-        assert_eq!(h[header::USER_AGENT], "webhook-dispatcher/test");
-        assert_eq!(h.get_all(header::ACCEPT).iter().count(), 1);
-        assert_eq!(h[header::ACCEPT], "application/json");
-        assert_eq!(h["x-api-key"], "k-1");
-        assert_eq!(h["webhook-signature"], "v1,s");
+        let req = encode_request(&url, &ua, &headers, &sub, b"{}").unwrap();
+        let req = String::from_utf8(req).unwrap();
+        let (head, body) = req.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.split("\r\n");
+        assert_eq!(lines.next(), Some("POST /amo/hook?key=abc HTTP/1.1"));
+        let lines: Vec<&str> = lines.collect();
+        assert_eq!(
+            lines,
+            [
+                "content-type: application/json",
+                "x-request-id: r",
+                "webhook-id: i",
+                "webhook-timestamp: 1",
+                "webhook-signature: v1,s",
+                "accept: application/json",
+                "x-api-key: k-1",
+                "user-agent: webhook-dispatcher/test",
+                "host: [::1]:9000",
+                "content-length: 2",
+            ]
+        );
+        assert_eq!(body, "{}");
         // A default port is left out of Host, an empty path is "/", and without a header of the
         // subscription's own the Accept is reqwest's.
         let url = url::Url::parse("https://hooks.example.com").unwrap();
         let mut plain = sub.clone();
         plain.headers.clear();
-        let req = build_request(&url, &ua, headers, &plain, Bytes::new()).unwrap();
-        assert_eq!(req.uri(), "/");
-        assert_eq!(req.headers()[header::HOST], "hooks.example.com");
-        assert_eq!(req.headers()[header::ACCEPT], "*/*");
+        let req = encode_request(&url, &ua, &headers, &plain, b"").unwrap();
+        let req = String::from_utf8(req).unwrap();
+        assert!(req.starts_with("POST / HTTP/1.1\r\n"), "{req}");
+        assert!(
+            req.contains("\r\nhost: hooks.example.com\r\naccept: */*\r\n"),
+            "{req}"
+        );
+        assert!(req.ends_with("\r\ncontent-length: 0\r\n\r\n"), "{req}");
+        // A header that could not be sent as it is (stored before headers were checked) is an
+        // error naming it, not a request.
+        let mut bad = sub.clone();
+        bad.headers
+            .insert("X-Bad".into(), "a\r\nInjected: 1".into());
+        assert_eq!(
+            encode_request(&url, &ua, &headers, &bad, b"").unwrap_err(),
+            "invalid value of header X-Bad"
+        );
     }
 }

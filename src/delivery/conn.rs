@@ -8,27 +8,28 @@
 //! flight. A connection is replaced only when it is gone: closed by the receiver, dropped after a
 //! timeout or an error (or a body past what is drained), or idle for [`IDLE_TIMEOUT`].
 //!
+//! A connection has no task of its own: the attempt holding it writes its request and reads the
+//! answer ([`super::h1`]). While it sits unused, nothing reads it; whether the receiver closed it
+//! meanwhile is checked when it is taken again, and the lane closes those idle past the timeout.
+//!
 //! The dialer resolves names through the SSRF guard and connects only to the addresses it allows;
 //! `https` runs over rustls with the platform verifier, as the reqwest client of this build does.
 
 use super::guard::{Guard, GuardError};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use super::h1;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// How long a connection may sit unused before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The request body of an attempt.
-pub type ReqBody = Full<Bytes>;
 
 /// Where a connection goes: scheme, host and port of a destination URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,40 +54,109 @@ impl Origin {
     }
 }
 
+/// A connection's byte stream.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One HTTP/1.1 connection. Dropping it closes the socket.
 pub struct Conn {
     origin: Origin,
-    sender: http1::SendRequest<ReqBody>,
-    /// When it was last handed back idle; `None` while an attempt uses it. Shared with the
-    /// connection's driver task, which closes it after [`IDLE_TIMEOUT`] unused.
-    idle_since: Arc<Mutex<Option<Instant>>>,
-    driver: tokio::task::AbortHandle,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
+    io: Io,
+    reader: h1::Reader,
+    /// Since when it has been unused (handed back after an answer read to its end).
+    idle_since: Instant,
 }
 
 impl Conn {
-    pub fn sender(&mut self) -> &mut http1::SendRequest<ReqBody> {
-        &mut self.sender
+    fn new(origin: &Origin, io: Io) -> Conn {
+        Conn {
+            origin: origin.clone(),
+            io,
+            reader: h1::Reader::default(),
+            idle_since: Instant::now(),
+        }
     }
 
-    fn set_idle(&self, idle: bool) {
-        *self.idle_since.lock().expect("idle lock poisoned") = idle.then(Instant::now);
+    /// Writes a request in full.
+    pub async fn write(&mut self, request: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(request).await?;
+        self.io.flush().await
     }
 
-    /// Whether the connection can carry another request to `origin`, without waiting.
-    fn reusable_for(&self, origin: &Origin) -> bool {
-        self.origin == *origin
-            && !self.sender.is_closed()
-            && self
-                .idle_since
-                .lock()
-                .expect("idle lock poisoned")
-                .is_none_or(|t| t.elapsed() < IDLE_TIMEOUT)
+    /// Reads an answer's head.
+    pub async fn head(&mut self) -> Result<h1::Head, h1::Error> {
+        self.reader.head(&mut self.io).await
+    }
+
+    /// Reads an answer's body (see [`h1::Reader::body`]).
+    pub async fn body(
+        &mut self,
+        framing: h1::Framing,
+        limit: usize,
+        data: impl FnMut(&[u8]),
+    ) -> Result<h1::BodyEnd, h1::Error> {
+        self.reader.body(&mut self.io, framing, limit, data).await
+    }
+
+    /// Whether the connection can carry another request to `origin`: not idle too long, and
+    /// neither closed by the receiver nor holding bytes nobody asked for. Reads without waiting.
+    fn reusable_for(&mut self, origin: &Origin) -> bool {
+        if self.origin != *origin
+            || self.idle_since.elapsed() >= IDLE_TIMEOUT
+            || self.reader.buffered() > 0
+        {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Pending: nothing to read, the connection is open. Anything else (the end of the
+        // stream, an error, bytes) means it cannot carry a request.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
     }
 }
 
@@ -121,6 +191,14 @@ impl Slots {
             _permit: permit,
         }
     }
+
+    /// Closes the connections unused for [`IDLE_TIMEOUT`], and tells when the next of those left
+    /// will have been (`None`: none left).
+    pub fn close_idle(&self) -> Option<Instant> {
+        let mut idle = self.idle.lock().expect("slots lock poisoned");
+        idle.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+        idle.iter().map(|c| c.idle_since + IDLE_TIMEOUT).min()
+    }
 }
 
 /// One of a lane's slots, held for one attempt, with the connection it owns (if any).
@@ -132,30 +210,23 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// The slot's connection if it can carry a request to `origin` now (waiting until it is
-    /// ready); a closed one, or one to another origin (the subscription's URL changed), is dropped.
-    pub async fn take_ready(&mut self, origin: &Origin) -> Option<Conn> {
+    /// The slot's connection if it can carry a request to `origin` now; a closed one, one idle
+    /// too long, or one to another origin (the subscription's URL changed), is dropped.
+    pub fn take_ready(&mut self, origin: &Origin) -> Option<Conn> {
         let mut conn = self.conn.take()?;
-        if !conn.reusable_for(origin) {
-            return None;
-        }
-        conn.set_idle(false);
-        conn.sender.ready().await.ok()?;
-        Some(conn)
+        conn.reusable_for(origin).then_some(conn)
     }
 
     /// Gives a connection whose last answer was read to its end back to the slot.
-    pub fn keep(&mut self, conn: Conn) {
-        conn.set_idle(true);
+    pub fn keep(&mut self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
         self.conn = Some(conn);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && !conn.sender.is_closed()
-        {
+        if let Some(conn) = self.conn.take() {
             self.slots
                 .idle
                 .lock()
@@ -178,8 +249,6 @@ pub enum ConnectError {
     ServerName(String),
     #[error("tls error")]
     Tls(#[source] std::io::Error),
-    #[error("http handshake error")]
-    Handshake(#[source] hyper::Error),
 }
 
 /// Dials the connections of the lanes.
@@ -243,7 +312,7 @@ impl Dialer {
         };
         let _ = tcp.set_nodelay(true);
         if !origin.https {
-            return handshake(origin, TokioIo::new(tcp)).await;
+            return Ok(Conn::new(origin, Io::Plain(tcp)));
         }
         let name = match &origin.host {
             url::Host::Domain(name) => ServerName::try_from(name.clone())
@@ -256,50 +325,74 @@ impl Dialer {
             .connect(name, tcp)
             .await
             .map_err(ConnectError::Tls)?;
-        handshake(origin, TokioIo::new(tls)).await
+        Ok(Conn::new(origin, Io::Tls(Box::new(tls))))
     }
 }
 
-/// Starts HTTP/1.1 on a connected stream; its driver task runs until the connection closes, the
-/// [`Conn`] is dropped, or it has been idle for [`IDLE_TIMEOUT`].
-async fn handshake<T>(origin: &Origin, io: T) -> Result<Conn, ConnectError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::handshake(io)
-        .await
-        .map_err(ConnectError::Handshake)?;
-    let idle_since = Arc::new(Mutex::new(None::<Instant>));
-    let idle = idle_since.clone();
-    // On the runtime of the engine: connections are made only by its lanes' workers.
-    let driver = tokio::spawn(async move {
-        let mut connection = std::pin::pin!(connection);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A kept connection to a listener on loopback, and the listener's end of it.
+    async fn kept(slots: &Arc<Slots>) -> (Origin, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let origin = Origin {
+            https: false,
+            host: url::Host::Ipv4(std::net::Ipv4Addr::LOCALHOST),
+            port: addr.port(),
+        };
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut slot = slots.acquire().await;
+        slot.keep(Conn::new(&origin, Io::Plain(client)));
+        (origin, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_once_its_time_is_up() {
+        let slots = Slots::new(2);
+        let (_, mut receiver) = kept(&slots).await;
+        let due = slots.close_idle().expect("the idle connection");
+        assert_eq!(due - Instant::now(), IDLE_TIMEOUT);
+        tokio::time::advance(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(slots.close_idle(), Some(due), "kept until its time");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(slots.close_idle(), None);
+        // The receiver sees the connection end.
+        let mut byte = [0u8; 1];
+        assert_eq!(receiver.read(&mut byte).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_is_taken_only_while_the_receiver_keeps_it() {
+        let slots = Slots::new(1);
+        let (origin, _receiver) = kept(&slots).await;
+        let mut slot = slots.acquire().await;
+        let conn = slot.take_ready(&origin).expect("open and unused");
+        slot.keep(conn);
+        // Another origin (the subscription's URL changed) does not take it; it is dropped.
+        let mut other = origin.clone();
+        other.port = other.port.wrapping_add(1);
+        assert!(slot.take_ready(&other).is_none());
+        drop(slot);
+
+        let (origin, receiver) = kept(&slots).await;
+        drop(receiver);
+        // The receiver closed it: once its end of stream arrives, the connection is not taken.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let since = *idle.lock().expect("idle lock poisoned");
-            let check_at = since.unwrap_or_else(Instant::now) + IDLE_TIMEOUT;
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "receiver connection ended");
-                    }
-                    return;
-                }
-                _ = tokio::time::sleep_until(check_at) => {
-                    let unused = idle
-                        .lock()
-                        .expect("idle lock poisoned")
-                        .is_some_and(|t| t.elapsed() >= IDLE_TIMEOUT);
-                    if unused {
-                        return;
-                    }
-                }
+            let mut slot = slots.acquire().await;
+            match slot.take_ready(&origin) {
+                None => break,
+                Some(conn) => slot.keep(conn),
             }
+            assert!(std::time::Instant::now() < deadline, "still taken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    });
-    Ok(Conn {
-        origin: origin.clone(),
-        sender,
-        idle_since,
-        driver: driver.abort_handle(),
-    })
+        // Nothing is left to take.
+        assert!(slots.acquire().await.take_ready(&origin).is_none());
+    }
 }

@@ -17,6 +17,7 @@ pub mod attempt;
 mod bodies;
 pub mod conn;
 pub mod guard;
+pub mod h1;
 pub mod retry;
 pub mod signature;
 
@@ -108,6 +109,16 @@ struct Workers {
     idle: std::sync::atomic::AtomicUsize,
     /// Cancelled when the lane ends: the workers run what is queued, then end.
     closed: CancellationToken,
+}
+
+/// Closes the lane's connections unused for [`conn::IDLE_TIMEOUT`], then waits until the next
+/// of those left is: a lane with nothing to send closes its connections as they age, with one
+/// timer for them all (pending for ever while there are none).
+async fn idle_expired(slots: &conn::Slots) {
+    match slots.close_idle() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How many due entries a lane reads from the index at once.
@@ -238,6 +249,7 @@ impl Engine {
                 // Held: its deliveries wait until the subscription is enabled again.
                 tokio::select! {
                     _ = wake.notified() => continue,
+                    _ = idle_expired(&slots) => continue,
                     _ = stop.cancelled() => return,
                 }
             }
@@ -272,6 +284,7 @@ impl Engine {
                     drop(slot);
                     tokio::select! {
                         _ = wake.notified() => {}
+                        _ = idle_expired(&slots) => {}
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -283,6 +296,7 @@ impl Engine {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = wake.notified() => {}
+                        _ = idle_expired(&slots) => {}
                         _ = stop.cancelled() => return,
                     }
                 }
