@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// How long a connection may sit unused before it is closed.
@@ -163,8 +163,11 @@ impl Conn {
 /// A lane's slots: at most `n` attempts in flight, and at most `n` connections between them.
 pub struct Slots {
     permits: Arc<Semaphore>,
-    /// The connections of the slots not in use.
+    /// The connections of the slots not in use, in the order they were handed back (each with
+    /// the time it was: the oldest first).
     idle: Mutex<Vec<Conn>>,
+    /// Told when an attempt hands a connection back, for [`Slots::idle_expired`].
+    returned: Notify,
 }
 
 impl Slots {
@@ -172,6 +175,7 @@ impl Slots {
         Arc::new(Slots {
             permits: Arc::new(Semaphore::new(n)),
             idle: Mutex::new(Vec::with_capacity(n)),
+            returned: Notify::new(),
         })
     }
 
@@ -188,6 +192,7 @@ impl Slots {
         Slot {
             slots: self.clone(),
             conn,
+            returned: false,
             _permit: permit,
         }
     }
@@ -196,8 +201,29 @@ impl Slots {
     /// will have been (`None`: none left).
     pub fn close_idle(&self) -> Option<Instant> {
         let mut idle = self.idle.lock().expect("slots lock poisoned");
-        idle.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+        let now = Instant::now();
+        idle.retain(|c| now < c.idle_since + IDLE_TIMEOUT);
         idle.iter().map(|c| c.idle_since + IDLE_TIMEOUT).min()
+    }
+
+    /// For a lane with nothing to send: closes the connections unused for [`IDLE_TIMEOUT`] as
+    /// they age, on one timer, also those handed back while it waits (never ends).
+    pub async fn idle_expired(&self) {
+        loop {
+            // Registered before the idle ones are looked at, so a connection handed back in
+            // between wakes it. `notify_waiters` keeps no permit: returns while no lane waits
+            // (a busy lane's) wake nothing later.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            match self.close_idle() {
+                Some(at) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = returned => {}
+                },
+                None => returned.await,
+            }
+        }
     }
 }
 
@@ -205,6 +231,8 @@ impl Slots {
 pub struct Slot {
     slots: Arc<Slots>,
     conn: Option<Conn>,
+    /// Whether an attempt handed its connection back.
+    returned: bool,
     // Dropped after `Drop::drop` has handed the connection back, so the next holder finds it.
     _permit: OwnedSemaphorePermit,
 }
@@ -217,21 +245,38 @@ impl Slot {
         conn.reusable_for(origin).then_some(conn)
     }
 
-    /// Gives a connection whose last answer was read to its end back to the slot.
+    /// Gives a connection whose last answer was read to its end back to the slot; one holding
+    /// bytes past its answer is dropped.
     pub fn keep(&mut self, mut conn: Conn) {
+        if conn.reader.buffered() > 0 {
+            return;
+        }
         conn.idle_since = Instant::now();
         self.conn = Some(conn);
+        self.returned = true;
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.slots
-                .idle
-                .lock()
-                .expect("slots lock poisoned")
-                .push(conn);
+            let mut idle = self.slots.idle.lock().expect("slots lock poisoned");
+            // Those unused for the timeout, the oldest first, are closed here: a lane that is
+            // never idle would otherwise keep them (it takes the most recent one).
+            let now = Instant::now();
+            let expired = idle
+                .iter()
+                .take_while(|c| now >= c.idle_since + IDLE_TIMEOUT)
+                .count();
+            idle.drain(..expired);
+            // A connection taken and not used goes back where it was (in order of idleness).
+            let at = idle.partition_point(|c| c.idle_since <= conn.idle_since);
+            idle.insert(at, conn);
+        }
+        if self.returned {
+            // Only for a connection an attempt used: a lane that takes a slot and finds nothing
+            // to send drops it too, and must not wake itself for that.
+            self.slots.returned.notify_waiters();
         }
     }
 }
@@ -335,8 +380,8 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    /// A kept connection to a listener on loopback, and the listener's end of it.
-    async fn kept(slots: &Arc<Slots>) -> (Origin, TcpStream) {
+    /// A connection to a listener on loopback, and the listener's end of it.
+    async fn connection() -> (Origin, Conn, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let origin = Origin {
@@ -346,8 +391,18 @@ mod tests {
         };
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        (
+            origin.clone(),
+            Conn::new(&origin, Io::Plain(client)),
+            server,
+        )
+    }
+
+    /// A connection kept by one of `slots`, and the listener's end of it.
+    async fn kept(slots: &Arc<Slots>) -> (Origin, TcpStream) {
+        let (origin, conn, server) = connection().await;
         let mut slot = slots.acquire().await;
-        slot.keep(Conn::new(&origin, Io::Plain(client)));
+        slot.keep(conn);
         (origin, server)
     }
 
@@ -364,6 +419,55 @@ mod tests {
         // The receiver sees the connection end.
         let mut byte = [0u8; 1];
         assert_eq!(receiver.read(&mut byte).await.unwrap(), 0);
+    }
+
+    /// A connection a lane's attempt hands back while the lane already waits with nothing to
+    /// send is closed once unused for the timeout, not kept until the lane's next delivery.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_handed_back_to_a_waiting_lane_is_closed_in_time() {
+        let slots = Slots::new(2);
+        let (origin, mut receiver) = kept(&slots).await;
+        let mut slot = slots.acquire().await;
+        let conn = slot.take_ready(&origin).expect("open and unused");
+        // The lane waits; the attempt's connection is not idle yet.
+        assert_eq!(slots.close_idle(), None);
+        let waiting = slots.clone();
+        let lane = tokio::spawn(async move { waiting.idle_expired().await });
+        tokio::task::yield_now().await;
+        slot.keep(conn);
+        drop(slot);
+        let returned = Instant::now();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(600), receiver.read(&mut byte));
+        assert_eq!(read.await.expect("closed within 600 s").unwrap(), 0);
+        assert!(
+            returned.elapsed() >= IDLE_TIMEOUT,
+            "{:?}",
+            returned.elapsed()
+        );
+        lane.abort();
+    }
+
+    /// A lane that always has work takes its most recent connection: the older ones are closed
+    /// when a slot is given back once they are unused for the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_lane_closes_the_connections_it_no_longer_uses() {
+        let slots = Slots::new(4);
+        // Two attempts at once hand two connections back.
+        let (_, oldest, mut oldest_receiver) = connection().await;
+        let (_, older, _older_receiver) = connection().await;
+        let (mut a, mut b) = (slots.acquire().await, slots.acquire().await);
+        a.keep(oldest);
+        b.keep(older);
+        drop((a, b));
+        tokio::time::advance(IDLE_TIMEOUT).await;
+        // An attempt takes the most recent one (replaced here by a new one) and hands its
+        // connection back: the oldest, unused for the timeout, goes then.
+        let (_, _receiver) = kept(&slots).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(1), oldest_receiver.read(&mut byte));
+        assert_eq!(read.await.expect("closed").unwrap(), 0);
+        assert_eq!(slots.idle.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -202,6 +202,11 @@ impl Reader {
             },
             Framing::Chunked => loop {
                 let size = loop {
+                    // A size line starts with a hex digit (`httparse` would take an empty one
+                    // for the last chunk).
+                    if self.buffered() > 0 && !self.available()[0].is_ascii_hexdigit() {
+                        return Err(Error::Invalid("bad chunk size line".into()));
+                    }
                     match httparse::parse_chunk_size(self.available()) {
                         Ok(httparse::Status::Complete((len, size))) => {
                             self.consume(len);
@@ -294,6 +299,26 @@ impl Reader {
     }
 }
 
+/// The length of `Content-Length` headers: decimal digits, in one value or a list, which must
+/// all be the same.
+fn content_length(values: &[&[u8]]) -> Result<Option<u64>, Error> {
+    let mut length = None;
+    for value in values {
+        for item in value.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            let n = (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| Error::Invalid("bad content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Invalid("content-lengths that differ".into()));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
 /// Parses a head from `buf`: `None` when incomplete; else its length, and the head, or `None`
 /// for an interim (1xx) answer.
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
@@ -308,6 +333,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
         Err(e) => return Err(Error::Invalid(e.to_string())),
     };
     let code = resp.code.unwrap_or_default();
+    if code < 100 {
+        return Err(Error::Invalid(format!("status code {code:03}")));
+    }
     if code == 101 {
         return Err(Error::Invalid(
             "101 Switching Protocols, which was not asked for".into(),
@@ -317,21 +345,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
         return Ok(Some((len, None)));
     }
     let http11 = resp.version == Some(1);
-    let mut connection_close = !http11;
-    let mut length: Option<u64> = None;
+    let (mut close, mut keep_alive_token) = (false, false);
+    let mut lengths: Vec<&[u8]> = Vec::new();
     let mut chunked = None::<bool>;
     let mut retry_after = None;
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| Error::Invalid("bad content-length".into()))?;
-            if length.is_some_and(|l| l != v) {
-                return Err(Error::Invalid("content-lengths that differ".into()));
-            }
-            length = Some(v);
+            lengths.push(h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // Only the last coding counts: chunked must be it.
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
@@ -339,16 +360,18 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
         } else if name.eq_ignore_ascii_case("connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    connection_close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
-                    connection_close = false;
-                }
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case("retry-after") {
             retry_after = std::str::from_utf8(h.value).ok().map(str::to_string);
         }
     }
+    // A transfer coding overrides a length (RFC 9112 §6.3), which is then not looked at.
+    let length = match chunked {
+        Some(_) => None,
+        None => content_length(&lengths)?,
+    };
     let framing = if code == 204 || code == 304 {
         Framing::Empty
     } else {
@@ -359,10 +382,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
             (None, None) => Framing::UntilClose,
         }
     };
-    // With both a transfer coding and a length the message is suspect (RFC 9112 §6.3): close.
-    let keep_alive = !connection_close
+    // `close` wins over `keep-alive`; HTTP/1.0 keeps a connection only when asked and never
+    // with a transfer coding (RFC 9112 §6.1); with both a coding and a length the message is
+    // suspect (§6.3).
+    let keep_alive = !close
+        && (http11 || (keep_alive_token && chunked.is_none()))
         && framing != Framing::UntilClose
-        && !(chunked.is_some() && length.is_some());
+        && (chunked.is_none() || lengths.is_empty());
     Ok(Some((
         len,
         Some(Head {
@@ -489,6 +515,11 @@ mod tests {
             (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", true),
             (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", false),
             (b"HTTP/1.1 204 No Content\r\n\r\n", true),
+            (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n", false),
+            (b"HTTP/1.0 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", false),
+            (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok", true),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: bad\r\n\r\n0\r\n\r\n", false),
         ] {
             let (head, _, end, _) = each_step(raw, 1024).await;
             assert_eq!((head.keep_alive, end), (keep, BodyEnd::Complete), "{}", String::from_utf8_lossy(raw));
@@ -551,6 +582,26 @@ mod tests {
             (
                 b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
                 "invalid answer: 101 Switching Protocols, which was not asked for",
+            ),
+            (
+                b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+                "invalid answer: status code 000",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+                "invalid answer: bad content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello",
+                "invalid answer: content-lengths that differ",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\nrest",
+                "invalid answer: bad chunk size line",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n;ext\r\n\r\n",
+                "invalid answer: bad chunk size line",
             ),
         ] {
             let e = answer(raw, 3, 1024).await.unwrap_err();

@@ -111,16 +111,6 @@ struct Workers {
     closed: CancellationToken,
 }
 
-/// Closes the lane's connections unused for [`conn::IDLE_TIMEOUT`], then waits until the next
-/// of those left is: a lane with nothing to send closes its connections as they age, with one
-/// timer for them all (pending for ever while there are none).
-async fn idle_expired(slots: &conn::Slots) {
-    match slots.close_idle() {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// How many due entries a lane reads from the index at once.
 const READ_AHEAD: usize = 64;
 
@@ -249,7 +239,7 @@ impl Engine {
                 // Held: its deliveries wait until the subscription is enabled again.
                 tokio::select! {
                     _ = wake.notified() => continue,
-                    _ = idle_expired(&slots) => continue,
+                    _ = slots.idle_expired() => continue,
                     _ = stop.cancelled() => return,
                 }
             }
@@ -284,7 +274,7 @@ impl Engine {
                     drop(slot);
                     tokio::select! {
                         _ = wake.notified() => {}
-                        _ = idle_expired(&slots) => {}
+                        _ = slots.idle_expired() => {}
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -296,7 +286,7 @@ impl Engine {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = wake.notified() => {}
-                        _ = idle_expired(&slots) => {}
+                        _ = slots.idle_expired() => {}
                         _ = stop.cancelled() => return,
                     }
                 }
