@@ -305,62 +305,56 @@ async fn attempts_one_by_one(server: &TestServer, url: &str, n: usize) -> Vec<Va
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunked_answer_is_read_to_its_end_and_its_connection_kept() {
+/// A daemon with one subscription of one slot to a raw receiver answering `answer` (closing the
+/// connection after it when `close`), and the first attempt of each of `n` deliveries sent one
+/// after another.
+async fn raw_attempts(answer: &[u8], close: bool, n: usize) -> (RawReceiver, Vec<Value>) {
     let server = TestServer::start(&delivery_config(1)).await;
-    let rx = RawReceiver::start(vec![raw(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nok \r\n5\r\nthere\r\n0\r\nX-T: 1\r\n\r\n",
-        false,
-    )])
-    .await;
-    let attempts = attempts_one_by_one(&server, &rx.url(), 3).await;
-    for a in &attempts {
+    let rx = RawReceiver::start(vec![raw(answer, close)]).await;
+    let attempts = attempts_one_by_one(&server, &rx.url(), n).await;
+    server.stop().await;
+    (rx, attempts)
+}
+
+/// Each attempt got `code` and kept `body` in the log, without an error.
+fn assert_answered(attempts: &[Value], code: u64, body: &str) {
+    for a in attempts {
         assert_eq!(
             (a["code"].as_u64(), a["response_body"].as_str()),
-            (Some(200), Some("ok there")),
+            (Some(code), Some(body)),
             "{a}"
         );
         assert!(a.get("error").is_none_or(Value::is_null), "{a}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_answer_is_read_to_its_end_and_its_connection_kept() {
+    let (rx, attempts) = raw_attempts(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nok \r\n5\r\nthere\r\n0\r\nX-T: 1\r\n\r\n",
+        false,
+        3,
+    )
+    .await;
+    assert_answered(&attempts, 200, "ok there");
     assert_eq!(rx.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_past_64_kib_is_cut_and_its_connection_dropped() {
-    let server = TestServer::start(&delivery_config(1)).await;
     let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n".to_vec();
     big.extend(std::iter::repeat_n(b'z', 1_000_000));
-    let rx = RawReceiver::start(vec![raw(&big, false)]).await;
-    let attempts = attempts_one_by_one(&server, &rx.url(), 2).await;
-    for a in &attempts {
-        assert_eq!(a["code"], 200, "{a}");
-        // The log keeps the first KiB.
-        assert_eq!(
-            a["response_body"].as_str().unwrap(),
-            "z".repeat(1024),
-            "{a}"
-        );
-    }
+    let (rx, attempts) = raw_attempts(&big, false, 2).await;
+    // The log keeps the first KiB.
+    assert_answered(&attempts, 200, &"z".repeat(1024));
     // The rest was not read: the connection could not carry another request.
     assert_eq!((rx.requests(), rx.connections()), (2, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_without_a_length_ends_with_the_connection() {
-    let server = TestServer::start(&delivery_config(1)).await;
-    let rx = RawReceiver::start(vec![raw(
-        b"HTTP/1.1 202 Accepted\r\n\r\nuntil the end",
-        true,
-    )])
-    .await;
-    let attempts = attempts_one_by_one(&server, &rx.url(), 2).await;
-    for a in &attempts {
-        assert_eq!(
-            (a["code"].as_u64(), a["response_body"].as_str()),
-            (Some(202), Some("until the end")),
-            "{a}"
-        );
-    }
+    let (rx, attempts) = raw_attempts(b"HTTP/1.1 202 Accepted\r\n\r\nuntil the end", true, 2).await;
+    assert_answered(&attempts, 202, "until the end");
     assert_eq!(rx.connections(), 2);
 }
 
@@ -369,23 +363,16 @@ async fn a_body_without_a_length_ends_with_the_connection() {
 /// writes and dials anew, with no failed attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_the_receiver_closed_meanwhile_is_not_used() {
-    let server = TestServer::start(&delivery_config(1)).await;
-    let rx = RawReceiver::start(vec![raw(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-        true,
-    )])
-    .await;
-    let attempts = attempts_one_by_one(&server, &rx.url(), 3).await;
-    assert!(attempts.iter().all(|a| a["code"] == 200), "{attempts:?}");
+    let (rx, attempts) =
+        raw_attempts(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true, 3).await;
+    assert_answered(&attempts, 200, "ok");
     // Each request went out once, on a connection of its own.
     assert_eq!((rx.requests(), rx.connections()), (3, 3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_is_not_http_is_code_0_saying_so() {
-    let server = TestServer::start(&delivery_config(1)).await;
-    let rx = RawReceiver::start(vec![raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", true)]).await;
-    let attempts = attempts_one_by_one(&server, &rx.url(), 1).await;
+    let (_, attempts) = raw_attempts(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", true, 1).await;
     assert_eq!(attempts[0]["code"], 0);
     assert_eq!(
         attempts[0]["error"], "request error: invalid answer: invalid HTTP version",
