@@ -1,7 +1,8 @@
 //! One HTTP attempt: build the request of SPEC §7, send it, and reduce the answer to a code.
 //!
-//! Code 0 stands for no HTTP answer (connect error, TLS error, timeout, reset). Redirects are not
-//! followed. The first 1 KiB of the answer's body is kept for the delivery log.
+//! Code 0 stands for no HTTP answer (connect error, TLS error, timeout, reset, an answer that does
+//! not parse as HTTP/1.x: [`super::h1`]). Redirects are not followed. The first 1 KiB of the
+//! answer's body is kept for the delivery log.
 //!
 //! An attempt goes out over its lane slot's own HTTP/1.1 connection ([`super::conn`]), which
 //! caps a subscription's connections at `per_subscription`. With `delivery.proxy` set, attempts
