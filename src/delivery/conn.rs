@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// How long a connection may sit unused before it is closed.
@@ -166,8 +166,8 @@ pub struct Slots {
     /// The connections of the slots not in use, in the order they were handed back (each with
     /// the time it was: the oldest first).
     idle: Mutex<Vec<Conn>>,
-    /// Told when an attempt hands a connection back, for [`Slots::idle_expired`].
-    returned: Notify,
+    /// How many slots there are.
+    size: usize,
 }
 
 impl Slots {
@@ -175,7 +175,7 @@ impl Slots {
         Arc::new(Slots {
             permits: Arc::new(Semaphore::new(n)),
             idle: Mutex::new(Vec::with_capacity(n)),
-            returned: Notify::new(),
+            size: n,
         })
     }
 
@@ -192,7 +192,6 @@ impl Slots {
         Slot {
             slots: self.clone(),
             conn,
-            returned: false,
             _permit: permit,
         }
     }
@@ -201,28 +200,42 @@ impl Slots {
     /// will have been (`None`: none left).
     pub fn close_idle(&self) -> Option<Instant> {
         let mut idle = self.idle.lock().expect("slots lock poisoned");
-        let now = Instant::now();
-        idle.retain(|c| now < c.idle_since + IDLE_TIMEOUT);
-        idle.iter().map(|c| c.idle_since + IDLE_TIMEOUT).min()
+        let expired = Self::expired(&mut idle);
+        let next = idle.first().map(|c| c.idle_since + IDLE_TIMEOUT);
+        drop(idle);
+        // Closed once the lock is let go.
+        drop(expired);
+        next
     }
 
-    /// For a lane with nothing to send: closes the connections unused for [`IDLE_TIMEOUT`] as
-    /// they age, on one timer, also those handed back while it waits (never ends).
+    /// Takes the connections unused for [`IDLE_TIMEOUT`] out of `idle` (its oldest: it is in
+    /// the order they were handed back).
+    fn expired(idle: &mut Vec<Conn>) -> Vec<Conn> {
+        let now = Instant::now();
+        let n = idle
+            .iter()
+            .take_while(|c| now >= c.idle_since + IDLE_TIMEOUT)
+            .count();
+        idle.drain(..n).collect()
+    }
+
+    /// For a lane with nothing to send: closes its connections once unused for
+    /// [`IDLE_TIMEOUT`], on one timer (never ends). While attempts hold slots, whatever they hand
+    /// back is unused for less than the timeout when it next fires, so it is looked at then
+    /// again: no hand-back wakes the lane.
     pub async fn idle_expired(&self) {
         loop {
-            // Registered before the idle ones are looked at, so a connection handed back in
-            // between wakes it. `notify_waiters` keeps no permit: returns while no lane waits
-            // (a busy lane's) wake nothing later.
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            returned.as_mut().enable();
-            match self.close_idle() {
-                Some(at) => tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = returned => {}
-                },
-                None => returned.await,
-            }
+            let next = self.close_idle();
+            let out = self.permits.available_permits() < self.size;
+            let at = match (next, out) {
+                (Some(at), false) => at,
+                (next, true) => {
+                    let later = Instant::now() + IDLE_TIMEOUT;
+                    next.map_or(later, |at| at.min(later))
+                }
+                (None, false) => return std::future::pending().await,
+            };
+            tokio::time::sleep_until(at).await;
         }
     }
 }
@@ -231,8 +244,6 @@ impl Slots {
 pub struct Slot {
     slots: Arc<Slots>,
     conn: Option<Conn>,
-    /// Whether an attempt handed its connection back.
-    returned: bool,
     // Dropped after `Drop::drop` has handed the connection back, so the next holder finds it.
     _permit: OwnedSemaphorePermit,
 }
@@ -253,7 +264,6 @@ impl Slot {
         }
         conn.idle_since = Instant::now();
         self.conn = Some(conn);
-        self.returned = true;
     }
 }
 
@@ -261,22 +271,14 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             let mut idle = self.slots.idle.lock().expect("slots lock poisoned");
-            // Those unused for the timeout, the oldest first, are closed here: a lane that is
-            // never idle would otherwise keep them (it takes the most recent one).
-            let now = Instant::now();
-            let expired = idle
-                .iter()
-                .take_while(|c| now >= c.idle_since + IDLE_TIMEOUT)
-                .count();
-            idle.drain(..expired);
+            // Those unused for the timeout are closed here too: a lane that is never idle
+            // would otherwise keep them (it takes the most recent one).
+            let expired = Slots::expired(&mut idle);
             // A connection taken and not used goes back where it was (in order of idleness).
             let at = idle.partition_point(|c| c.idle_since <= conn.idle_since);
             idle.insert(at, conn);
-        }
-        if self.returned {
-            // Only for a connection an attempt used: a lane that takes a slot and finds nothing
-            // to send drops it too, and must not wake itself for that.
-            self.slots.returned.notify_waiters();
+            drop(idle);
+            drop(expired);
         }
     }
 }
@@ -421,31 +423,49 @@ mod tests {
         assert_eq!(receiver.read(&mut byte).await.unwrap(), 0);
     }
 
-    /// A connection a lane's attempt hands back while the lane already waits with nothing to
-    /// send is closed once unused for the timeout, not kept until the lane's next delivery.
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_handed_back_to_a_waiting_lane_is_closed_in_time() {
-        let slots = Slots::new(2);
-        let (origin, mut receiver) = kept(&slots).await;
-        let mut slot = slots.acquire().await;
-        let conn = slot.take_ready(&origin).expect("open and unused");
-        // The lane waits; the attempt's connection is not idle yet.
-        assert_eq!(slots.close_idle(), None);
-        let waiting = slots.clone();
-        let lane = tokio::spawn(async move { waiting.idle_expired().await });
-        tokio::task::yield_now().await;
-        slot.keep(conn);
-        drop(slot);
-        let returned = Instant::now();
+    /// Waits until `receiver` sees its connection closed, and tells after how long.
+    async fn closed_after(receiver: &mut TcpStream) -> Duration {
+        let start = Instant::now();
         let mut byte = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_secs(600), receiver.read(&mut byte));
         assert_eq!(read.await.expect("closed within 600 s").unwrap(), 0);
-        assert!(
-            returned.elapsed() >= IDLE_TIMEOUT,
-            "{:?}",
-            returned.elapsed()
-        );
-        lane.abort();
+        start.elapsed()
+    }
+
+    /// A connection an attempt hands back while its lane already waits with nothing to send is
+    /// closed once unused for the timeout (within one more), not kept until the lane's next
+    /// delivery: used, or taken and given back unused.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_handed_back_to_a_waiting_lane_is_closed_in_time() {
+        for used in [true, false] {
+            let slots = Slots::new(2);
+            let (origin, mut receiver) = kept(&slots).await;
+            let mut slot = slots.acquire().await;
+            let conn = slot.take_ready(&origin).expect("open and unused");
+            let since = conn.idle_since;
+            // The lane waits while the attempt holds its slot.
+            assert_eq!(slots.close_idle(), None);
+            let waiting = slots.clone();
+            let lane = tokio::spawn(async move { waiting.idle_expired().await });
+            tokio::time::advance(Duration::from_secs(10)).await;
+            if used {
+                slot.keep(conn);
+            } else {
+                slot.conn = Some(conn);
+            }
+            drop(slot);
+            let after = closed_after(&mut receiver).await;
+            let unused = if used {
+                after
+            } else {
+                after + Duration::from_secs(10)
+            };
+            assert!(
+                unused >= IDLE_TIMEOUT && unused <= 2 * IDLE_TIMEOUT,
+                "used {used}: closed {unused:?} after it was last used (since {since:?})"
+            );
+            lane.abort();
+        }
     }
 
     /// A lane that always has work takes its most recent connection: the older ones are closed

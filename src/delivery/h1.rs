@@ -368,8 +368,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, Error> {
         }
     }
     // A transfer coding overrides a length (RFC 9112 §6.3), which is then not looked at.
+    // A 204 or 304 has no body whatever its headers say (hyper reads no length for them).
     let length = match chunked {
         Some(_) => None,
+        None if code == 204 || code == 304 => None,
         None => content_length(&lengths)?,
     };
     let framing = if code == 204 || code == 304 {
@@ -515,6 +517,7 @@ mod tests {
             (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", true),
             (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", false),
             (b"HTTP/1.1 204 No Content\r\n\r\n", true),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: junk\r\n\r\n", true),
             (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n", false),
             (b"HTTP/1.0 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", false),
             (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", false),
