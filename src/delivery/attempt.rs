@@ -298,11 +298,13 @@ fn encode_request(
         Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
     };
+    // Checked as the API checks them when a subscription is stored (a record written otherwise
+    // must not put a line break into the request).
     for (k, v) in &sub.headers {
-        if !h1::valid_name(k) {
+        if HeaderName::from_bytes(k.as_bytes()).is_err() {
             return Err(format!("invalid header name {k:?}"));
         }
-        if !h1::valid_value(v.as_bytes()) {
+        if HeaderValue::from_str(v).is_err() {
             return Err(format!("invalid value of header {k}"));
         }
     }

@@ -211,6 +211,9 @@ impl Slots {
     /// Takes the connections unused for [`IDLE_TIMEOUT`] out of `idle` (its oldest: it is in
     /// the order they were handed back).
     fn expired(idle: &mut Vec<Conn>) -> Vec<Conn> {
+        if idle.is_empty() {
+            return Vec::new();
+        }
         let now = Instant::now();
         let n = idle
             .iter()
